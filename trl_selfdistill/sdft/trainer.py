@@ -1,0 +1,176 @@
+"""SDFTTrainer: Self-Distillation Fine-Tuning (Yang et al., ACL 2024) as a drop-in `SFTTrainer`.
+
+Not `trl.experimental.sdft` (Shenfeld et al., 2026), an on-policy method that shares the acronym.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from typing import Any
+
+from datasets import Dataset
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.utils import logging
+from trl import SFTTrainer
+
+from ..models import resolve_model_name
+from .checkers import get_checker
+from .config import SDFTConfig
+from .rewrite import distill_dataset, resolve_generation_kwargs
+from .targets import collect_targets
+from .templates import check_renderable, resolve_template
+
+logger = logging.get_logger(__name__)
+
+DISTILLED_DATASET_FILE = "distilled_dataset.jsonl"
+REPORT_FILE = "distillation_report.json"
+
+
+class SDFTTrainer(SFTTrainer):
+    """
+    Trainer for Self-Distillation Fine-Tuning (SDFT), [Yang et al., ACL 2024](https://huggingface.co/papers/2402.13669).
+
+    Before training, the *seed* model (the model before any adapter or update) rewrites every reference response of
+    `train_dataset` in its own words; a rewrite that fails the acceptance check falls back to the reference, and no
+    row is dropped. Training is then ordinary SFT on the distilled dataset. Everything else is [`~trl.SFTTrainer`]:
+    same arguments, PEFT and `quantization_config` included. Only the training set is rewritten.
+
+    After construction, `trainer.distillation_report` holds the counts (`total`, `accepted`, `fallback`, rejections
+    per rule); it is logged, saved as JSON in `output_dir` next to the distilled dataset, and shown in the model card.
+
+    Example:
+
+    ```python
+    from trl_selfdistill import SDFTConfig, SDFTTrainer
+
+    args = SDFTConfig(output_dir="out", distill_template="gsm8k", distill_checker="math")
+    trainer = SDFTTrainer(model="meta-llama/Llama-2-7b-chat-hf", args=args, train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sdft", "trl-selfdistill"]
+    _name = "SDFT"
+    _paper = {
+        "title": "Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning",
+        "id": "2402.13669",
+        "citation": textwrap.dedent(
+            """\
+            @inproceedings{yang2024selfdistillation,
+                title     = {{Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning}},
+                author    = {Zhaorui Yang and Tianyu Pang and Haozhe Feng and Han Wang and Wei Chen and Minfeng Zhu
+                             and Qian Liu},
+                year      = 2024,
+                booktitle = {Proceedings of the 62nd Annual Meeting of the Association for Computational Linguistics},
+            }"""
+        ),
+    }
+
+    def __init__(
+        self,
+        model,
+        args: SDFTConfig | None = None,
+        train_dataset: Dataset | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        formatting_func=None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = SDFTConfig(f"{str(model).rstrip('/').split('/')[-1]}-SDFT")
+        elif not isinstance(args, SDFTConfig):
+            raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
+        if isinstance(model, str):
+            model = resolve_model_name(model)
+            if processing_class is None:  # loaded here, before the weights, to check the chat template early
+                processing_class = AutoProcessor.from_pretrained(
+                    model,
+                    revision=(args.model_init_kwargs or {}).get("revision"),
+                    trust_remote_code=args.trust_remote_code,
+                )
+        self._validate_before_loading(args, train_dataset, processing_class, formatting_func)
+
+        # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
+        self._train_dataset_distilled = False
+        super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
+
+        result = distill_dataset(
+            self.accelerator.unwrap_model(self.model),
+            self._tokenizer,
+            train_dataset,
+            template=args.distill_template,
+            template_mode=args.distill_template_mode,
+            checker=args.distill_checker,
+            generation_kwargs=args.distill_generation_kwargs,
+            batch_size=args.distill_batch_size,
+            seed=args.seed,
+            cache_dir=args.distill_cache_dir,
+            show_progress=not args.disable_tqdm,
+        )
+        self.distillation_report = result.report
+        self._save_distillation(result.dataset)
+        self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int)})
+
+        self._train_dataset_distilled = True
+        self.train_dataset = self._prepare_dataset(
+            result.dataset, self.processing_class, args, args.packing, None, "train"
+        )
+
+    @staticmethod
+    def _validate_before_loading(args: SDFTConfig, train_dataset, processing_class, formatting_func) -> None:
+        """Every check that can fail, done before the model is loaded and before any generation."""
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: SDFT rewrites it before training.")
+        if formatting_func is not None:
+            raise ValueError(
+                "`formatting_func` turns rows into plain text, leaving SDFT no response to rewrite. Format the "
+                "dataset as prompt-completion or `messages` instead."
+            )
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            raise ValueError(
+                "`dataset_kwargs={'skip_prepare_dataset': True}` means the dataset is already tokenized, so SDFT "
+                "cannot rewrite it. Pass an untokenized prompt-completion or `messages` dataset."
+            )
+        checker = args.distill_checker
+        get_checker(checker)
+        resolve_template(args.distill_template, checker if isinstance(checker, str) else None)
+        resolve_generation_kwargs(args.distill_generation_kwargs)
+        collect_targets(train_dataset)
+        if processing_class is not None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            check_renderable(tokenizer, args.distill_template_mode)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # `SFTTrainer.__init__` tokenizes the training set before the model is ready to rewrite it: keep it raw until
+        # the rewrite is done. Evaluation sets are never rewritten.
+        if dataset_name == "train" and not self._train_dataset_distilled:
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    def _save_distillation(self, dataset: Dataset) -> None:
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        dataset.to_json(os.path.join(self.args.output_dir, DISTILLED_DATASET_FILE), lines=True)
+        with open(os.path.join(self.args.output_dir, REPORT_FILE), "w", encoding="utf-8") as file:
+            json.dump(self.distillation_report, file, indent=2, default=str)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        report = self.distillation_report
+        rules = ", ".join(
+            f"{k.removeprefix('rejected_')}: {v}" for k, v in report.items() if k.startswith("rejected_")
+        )
+        section = (
+            "\n## SDFT distillation report\n\n"
+            f"The seed model rewrote {report['total']} responses ({report['rows']} rows) with the "
+            f"`{report['template']}` template ({report['template_mode']} mode) and the `{report['checker']}` checker: "
+            f"{report['accepted']} rewrites accepted, {report['fallback']} fell back to the reference"
+            f"{f' (rejected by {rules})' if rules else ''}.\n\n"
+            f"```json\n{json.dumps(report, indent=2, default=str)}\n```\n"
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as file:
+            file.write(section)
