@@ -37,8 +37,16 @@ class RowCache:
 
     def load(self) -> dict[str, dict]:
         """Every complete row written so far, by any writer."""
+        return self._read(sorted(self.directory.glob("rows-*.jsonl")))
+
+    def load_own(self) -> dict[str, dict]:
+        """The rows this writer wrote."""
+        return self._read([self._path] if self._path.exists() else [])
+
+    @staticmethod
+    def _read(paths: list[Path]) -> dict[str, dict]:
         rows = {}
-        for path in sorted(self.directory.glob("rows-*.jsonl")):
+        for path in paths:
             with open(path, encoding="utf-8") as file:
                 for line in file:
                     try:

@@ -24,7 +24,7 @@ def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
     """
     if split not in _BUNDLED_GSM8K_FILES:
         raise ValueError(f"Unknown bundled GSM8K split {split!r}; expected one of {sorted(_BUNDLED_GSM8K_FILES)}.")
-    resource = importlib.resources.files("trl_selfdistill").joinpath("data").joinpath(_BUNDLED_GSM8K_FILES[split])
+    resource = importlib.resources.files("trl_selfdistill").joinpath("resources").joinpath(_BUNDLED_GSM8K_FILES[split])
     rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)
     if n is not None:

@@ -110,6 +110,7 @@ def bundled_model_path() -> str:
         logger.info("Converting the bundled model %s from %s into %s", BUNDLED_MODEL_NAME, gguf, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{_BUNDLED_DIR_NAME}.tmp-", dir=models_dir))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             _convert(gguf, tmp)
             os.replace(tmp, target)
         finally:

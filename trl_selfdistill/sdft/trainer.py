@@ -132,6 +132,14 @@ class SDFTTrainer(SFTTrainer):
                 "`dataset_kwargs={'skip_prepare_dataset': True}` means the dataset is already tokenized, so SDFT "
                 "cannot rewrite it. Pass an untokenized prompt-completion or `messages` dataset."
             )
+        zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
+        if zero3 or args.fsdp:
+            # Sharded parameters need every rank in every forward, but each rank generates its own share of rows.
+            raise ValueError(
+                "SDFTTrainer cannot rewrite under DeepSpeed ZeRO-3 or FSDP. Run the rewrite first with "
+                "`trl_selfdistill.distill_dataset` (one process or plain data parallel), then train `SFTTrainer` on "
+                "the distilled dataset with your sharded setup."
+            )
         checker = args.distill_checker
         get_checker(checker)
         resolve_template(args.distill_template, checker if isinstance(checker, str) else None)

@@ -1,0 +1,35 @@
+"""Run by test_distributed.py under `accelerate launch --cpu --num_processes 2`: SDFTTrainer on two processes."""
+
+import json
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+from datasets import Dataset
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+from trl_selfdistill import SDFTConfig, SDFTTrainer
+
+out = Path(sys.argv[1])
+tokenizer = build_tiny_tokenizer()
+dataset = Dataset.from_list(
+    [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i)))} for i in range(8)]
+)
+args = SDFTConfig(
+    output_dir=str(out / "train"),
+    distill_cache_dir=str(out / "cache"),
+    distill_generation_kwargs={"max_new_tokens": 6},
+    distill_batch_size=2,
+    max_steps=1,
+    per_device_train_batch_size=2,
+    bf16=False,
+    use_cpu=True,
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+)
+trainer = SDFTTrainer(model=build_tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+trainer.train()
+rank = PartialState().process_index
+result = {"report": trainer.distillation_report, "completions": trainer.train_dataset["completion"]}
+(out / f"rank{rank}.json").write_text(json.dumps(result))

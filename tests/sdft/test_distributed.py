@@ -1,0 +1,45 @@
+"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from datasets import Dataset
+
+from trl_selfdistill import distill_dataset
+from trl_selfdistill.cache import RowCache
+
+HERE = Path(__file__).parent
+
+
+def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_tiny_llama):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(HERE / "distributed_sdft.py"), str(tmp_path)]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every process trains on the full, identical distilled set
+    assert ranks[0]["report"]["generated"] == 8
+
+    # Each process generated its own share only: disjoint halves, written to its own cache file.
+    (cache_dir,) = (tmp_path / "cache" / "rewrites").iterdir()
+    shares = [set(RowCache(cache_dir, f"rank{r}").load_own()) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 4 and not shares[0] & shares[1]
+
+    # Sharding changes nothing: one process with the same seed and batches writes the same rewrites.
+    dataset = Dataset.from_list(
+        [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i)))} for i in range(8)]
+    )
+    single = distill_dataset(
+        make_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, generation_kwargs={"max_new_tokens": 6},
+        batch_size=2, cache_dir=tmp_path / "single", show_progress=False,
+    )  # fmt: skip
+    trained_on = [c.removesuffix(tiny_tokenizer.eos_token) for c in ranks[0]["completions"]]
+    assert trained_on == single.dataset["completion"]
