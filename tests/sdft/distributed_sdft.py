@@ -31,5 +31,5 @@ args = SDFTConfig(
 trainer = SDFTTrainer(model=build_tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
 trainer.train()
 rank = PartialState().process_index
-result = {"report": trainer.distillation_report, "completions": trainer.train_dataset["completion"]}
+result = {"report": trainer.distillation_report, "completions": list(trainer.train_dataset["completion"])}
 (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,4 +1,7 @@
-"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated."""
+"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated.
+
+Two CPU processes: `--multi_gpu` selects accelerate's torchrun launcher (gloo on CPU); `--cpu` would start one process.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ HERE = Path(__file__).parent
 
 def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_tiny_llama):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(HERE / "distributed_sdft.py"), str(tmp_path)]  # fmt: skip
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
