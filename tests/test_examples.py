@@ -67,3 +67,19 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
     assert report["total"] == 4 and report["checker"] == "math" and report["template"] == "math"
     saved = {p.name for p in (tmp_path / "out").iterdir()}
     assert ("adapter_model.safetensors" if peft else "model.safetensors") in saved
+
+
+def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    bundled_gsm8k("train", n=8).to_json(tmp_path / "train.jsonl")
+    command = [sys.executable, str(EXAMPLES / "dynsdpb.py"),
+               "--config", str(EXAMPLES / "configs/dynsdpb_smollm2_cpu.yaml"),
+               "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "train.jsonl"),
+               "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1",
+               "--distill_mode", "constant"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "'distill/reused_fraction': '0.5'" in completed.stdout  # the second step re-uses half of each batch
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

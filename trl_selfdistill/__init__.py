@@ -1,5 +1,7 @@
 """trl_selfdistill: self-distillation fine-tuning methods as drop-in TRL trainers."""
 
+from .dynsdpb.config import DynSDPBConfig
+from .dynsdpb.trainer import DynSDPBTrainer
 from .models import BUNDLED_MODEL_NAME
 from .sdft.checkers import get_checker
 from .sdft.config import SDFTConfig
@@ -8,4 +10,12 @@ from .sdft.trainer import SDFTTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["BUNDLED_MODEL_NAME", "SDFTConfig", "SDFTTrainer", "distill_dataset", "get_checker"]
+__all__ = [
+    "BUNDLED_MODEL_NAME",
+    "DynSDPBConfig",
+    "DynSDPBTrainer",
+    "SDFTConfig",
+    "SDFTTrainer",
+    "distill_dataset",
+    "get_checker",
+]

@@ -1,4 +1,4 @@
-"""Run by test_distributed.py under `accelerate launch --cpu --num_processes 2`: SDFTTrainer on two processes."""
+"""Run by test_sdft_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes)."""
 
 import json
 import sys

@@ -1,0 +1,225 @@
+"""DynSDPBTrainer on a tiny local Llama: batches, loss, SFT equivalence at alpha 0, resume, QLoRA, bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from peft import LoraConfig
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from transformers import BitsAndBytesConfig
+from trl import SFTConfig, SFTTrainer
+
+from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
+from trl_selfdistill.dynsdpb.sampler import OverlappingBatchSampler, reuse_count_for
+
+
+def rows(n: int = 16) -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
+    )
+
+
+def training_kwargs(tmp_path, **overrides) -> dict:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        max_steps=4,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return {**defaults, **overrides}
+
+
+def config(tmp_path, **overrides) -> DynSDPBConfig:
+    return DynSDPBConfig(**training_kwargs(tmp_path, **overrides))
+
+
+def make_trainer(tmp_path, tokenizer=None, **overrides) -> DynSDPBTrainer:
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    return DynSDPBTrainer(
+        model=build_tiny_llama(tokenizer), args=config(tmp_path, **overrides), train_dataset=rows(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_train_batches_overlap_by_chain(tmp_path, accumulation):
+    trainer = make_trainer(tmp_path, gradient_accumulation_steps=accumulation)
+    batches = [(b["dynsdpb_index"].tolist(), b["dynsdpb_reused"].tolist()) for b in trainer.get_train_dataloader()]
+    steps = len(batches) // accumulation
+    assert steps == math.ceil(16 / (accumulation * 2))
+    for step in range(1, steps):
+        for slot in range(accumulation):
+            previous_indices, previous_reused = batches[(step - 1) * accumulation + slot]
+            indices, reused = batches[step * accumulation + slot]
+            previous_new = [i for i, r in zip(previous_indices, previous_reused, strict=True) if not r]
+            assert [i for i, r in zip(indices, reused, strict=True) if r] == previous_new[:2]
+    new = [i for indices, reused in batches for i, r in zip(indices, reused, strict=True) if not r]
+    assert sorted(new) == list(range(16))  # every sample new exactly once per epoch
+
+
+def test_distillation_starts_at_step_two_and_logs_its_metrics(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["distill/reused_fraction"] == 0  # step 1: nothing to re-use yet
+    for entry in logs[1:]:
+        assert entry["distill/reused_fraction"] == pytest.approx(0.5)
+        for key in ("ce_loss", "distill/loss", "distill/mean_alpha", "distill/mean_temperature",
+                    "distill/mean_uncertainty", "distill/mean_discrimination"):  # fmt: skip
+            assert math.isfinite(entry[key])
+        assert 3.0 <= entry["distill/mean_temperature"] <= 6.0
+    assert trainer.teacher_cache.nbytes > 0
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "constant"])
+def test_loss_matches_a_hand_computed_reference(tmp_path, mode):
+    """One re-used batch, computed independently from the model's full logits and the formulas of METHODS.md §2."""
+    trainer = make_trainer(tmp_path, distill_mode=mode)
+    model = trainer.model
+    model.train()
+    batches = iter(trainer.get_train_dataloader())
+    first, second = next(batches), next(batches)
+
+    def response_logits(batch):  # full-vocabulary logits from the ordinary forward, per row
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return {i: (logits[r][labels[r] != -100], labels[r][labels[r] != -100])
+                for r, i in enumerate(batch["dynsdpb_index"].tolist())}  # fmt: skip
+
+    teacher = response_logits(first)
+    trainer.compute_loss(model, dict(first))
+    with torch.no_grad():  # "one optimizer update": move the weights
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    trainer.state.global_step = 1
+    student = response_logits(second)
+    loss = trainer.compute_loss(model, dict(second))
+
+    alpha, temperature, ce, distill, tokens = 1.0, 3.0, 0.0, 0.0, 0
+    for index, reused in zip(second["dynsdpb_index"].tolist(), second["dynsdpb_reused"].tolist(), strict=True):
+        z, gold = student[index]
+        ce += -torch.log_softmax(z, -1).gather(1, gold[:, None]).sum().item()
+        tokens += len(gold)
+        if reused:
+            z_prev = teacher[index][0].to(torch.bfloat16).float()  # the cache keeps bf16
+            p_prev = torch.softmax(z_prev, -1)
+            u = (-(p_prev * p_prev.log()).sum(-1) / math.log(z.shape[-1])).mean().item()
+            d = p_prev.gather(1, gold[:, None]).mean().item()
+            alpha_i, t_i = (alpha * d * (1 - u), temperature * (1 + u)) if mode == "dynamic" else (alpha, temperature)
+            p_t = torch.softmax(z_prev / t_i, -1)
+            kl = (p_t * (p_t.log() - torch.log_softmax(z / t_i, -1))).sum().item()
+            distill += alpha_i * t_i**2 * kl
+    assert loss.item() == pytest.approx((ce + distill) / tokens, rel=1e-5)
+    if mode == "constant":  # the distillation term is really there, not lost in the cross-entropy
+        assert distill / tokens > 1e-3 and loss.item() - ce / tokens == pytest.approx(distill / tokens, rel=1e-2)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_alpha_zero_reproduces_sft_on_the_same_batches(tmp_path, accumulation):
+    tokenizer = build_tiny_tokenizer()
+    common = dict(gradient_accumulation_steps=accumulation, max_steps=4, learning_rate=5e-3)
+    dynsdpb = make_trainer(tmp_path / "d", tokenizer, distill_alpha=0.0, **common)
+    dynsdpb.train()
+
+    class SFTOnSameBatches(SFTTrainer):
+        def get_train_dataloader(self):
+            sampler = OverlappingBatchSampler(
+                len(self.train_dataset), 4, reuse_count_for(4, 0.5), accumulation, seed=0
+            )
+            batches = [[i for i, _ in batch] for batch in sampler]
+            dataset = self._remove_unused_columns(self.train_dataset)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator)
+            return self.accelerator.prepare(loader)
+
+    sft_args = SFTConfig(**training_kwargs(tmp_path / "s", **common))
+    sft = SFTOnSameBatches(
+        model=build_tiny_llama(tokenizer), args=sft_args, train_dataset=rows(), processing_class=tokenizer
+    )
+    sft.train()
+    assert losses(dynsdpb) == pytest.approx(losses(sft), rel=1e-4)
+    assert len(losses(dynsdpb)) == 4
+
+
+def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path):
+    uninterrupted = make_trainer(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
+    uninterrupted.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-3"
+    assert (checkpoint / "dynsdpb_teacher_cache_rank0.pt").is_file()
+
+    resumed = make_trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    def after_checkpoint(trainer):  # the resumed trainer also carries the checkpoint's own log history
+        return [(e["loss"], e["distill/loss"]) for e in trainer.state.log_history if "loss" in e and e["step"] > 3]
+
+    assert len(after_checkpoint(resumed)) == 3
+    for (loss, distill), (expected_loss, expected_distill) in zip(
+        after_checkpoint(resumed), after_checkpoint(uninterrupted), strict=True
+    ):
+        assert loss == pytest.approx(expected_loss, rel=1e-5) and distill == pytest.approx(expected_distill, rel=1e-4)
+    assert after_checkpoint(resumed)[0][1] > 0  # the first resumed step distils from the restored cache
+
+
+def test_qlora_path_trains_the_adapter_only(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    trainer = DynSDPBTrainer(
+        model=str(tmp_path / "model"),
+        args=config(tmp_path, max_steps=3),
+        train_dataset=rows(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32),
+    )  # fmt: skip
+    assert trainer.model.get_base_model().is_loaded_in_4bit
+    before = {n: p.detach().clone().float() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = {n: p.detach().float() for n, p in trainer.model.named_parameters()}
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert any(e.get("distill/loss", 0) > 0 for e in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dataset", "error", "message"),
+    [
+        ({"per_device_train_batch_size": 1}, None, ValueError, "batch"),
+        ({"reuse_fraction": 0.75}, None, ValueError, "reuse"),
+        ({"packing": True}, None, ValueError, "packing"),
+        ({"gradient_accumulation_steps": 16}, None, ValueError, "rows"),
+        ({"loss_type": "dft"}, None, ValueError, "nll"),
+        ({"distill_mode": "adaptive"}, None, ValueError, "distill_mode"),
+        ({"distill_temperature": 0.0}, None, ValueError, "temperature"),
+        (
+            {},
+            IterableDataset.from_generator(lambda: iter([{"prompt": "a", "completion": "b"}])),
+            TypeError,
+            "map-style",
+        ),
+    ],
+)
+def test_bad_configurations_fail_at_construction(tmp_path, overrides, dataset, error, message):
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(error, match=message):
+        DynSDPBTrainer(
+            model=str(tmp_path / "never-loaded"),  # refused before any loading
+            args=config(tmp_path, **overrides),
+            train_dataset=rows() if dataset is None else dataset,
+            processing_class=tokenizer,
+        )

@@ -1,0 +1,72 @@
+"""Configuration of the [`DynSDPBTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .schedule import DISTILL_MODES
+
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class DynSDPBConfig(SFTConfig):
+    r"""
+    Configuration class for the [`DynSDPBTrainer`]: dynamic self-distillation from the previous mini-batch
+    (Fu et al., 2024, [arXiv 2411.16991](https://huggingface.co/papers/2411.16991)), built on DLB (Shen et al., CVPR
+    2022).
+
+    Only the parameters specific to the method are listed here; everything else is [`~trl.SFTConfig`]. Each
+    per-device batch re-uses `reuse_fraction` of its samples from the same slot one optimizer step earlier and distils
+    them towards the logits the model produced for them then.
+
+    Parameters:
+        distill_mode (`str`, *optional*, defaults to `"dynamic"`):
+            `"dynamic"`: per-sample weight `alpha * d * (1 - u)` and temperature `T * (1 + u)` from the previous step's
+            uncertainty `u` and discrimination `d` (this project's reading of the paper); `"constant"`: DLB's fixed
+            `alpha` and `T` (the ablation).
+        distill_alpha (`float`, *optional*, defaults to `1.0`):
+            Base weight of the distillation term (DLB's default). `0` gives plain SFT on the overlapping batches.
+        distill_temperature (`float`, *optional*, defaults to `3.0`):
+            Base distillation temperature (DLB's default).
+        reuse_fraction (`float`, *optional*, defaults to `0.5`):
+            Fraction of each per-device batch that re-uses the previous step's new samples; at most 0.5 (the
+            previous step only had `1 - reuse_fraction` new samples), and it must leave at least one re-used sample.
+        teacher_cache_dtype (`str`, *optional*, defaults to `"bfloat16"`):
+            Dtype of the cached previous-step logits.
+        kl_chunk_size (`int`, *optional*, defaults to `1024`):
+            Tokens per chunk when computing the distillation KL, to bound the float32 working memory.
+    """
+
+    distill_mode: str = field(
+        default="dynamic",
+        metadata={
+            "help": "'dynamic' (adaptive weight and temperature) or 'constant' (DLB).",
+            "choices": list(DISTILL_MODES),
+        },
+    )
+    distill_alpha: float = field(default=1.0, metadata={"help": "Base weight of the distillation term."})
+    distill_temperature: float = field(default=3.0, metadata={"help": "Base distillation temperature."})
+    reuse_fraction: float = field(
+        default=0.5, metadata={"help": "Fraction of each per-device batch re-used from the previous step (<= 0.5)."}
+    )
+    teacher_cache_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Dtype of the cached previous-step logits.", "choices": list(CACHE_DTYPES)},
+    )
+    kl_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the distillation KL."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_mode not in DISTILL_MODES:
+            raise ValueError(f"`distill_mode` must be one of {sorted(DISTILL_MODES)}, got {self.distill_mode!r}.")
+        if self.distill_alpha < 0:
+            raise ValueError(f"`distill_alpha` must be >= 0, got {self.distill_alpha}.")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}.")
+        if self.teacher_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"`teacher_cache_dtype` must be one of {CACHE_DTYPES}, got {self.teacher_cache_dtype!r}.")
+        if self.kl_chunk_size < 1:
+            raise ValueError(f"`kl_chunk_size` must be >= 1, got {self.kl_chunk_size}.")
