@@ -36,10 +36,11 @@ def main(script_args: DynSDPBScriptArguments, training_args: DynSDPBConfig, mode
         **(training_args.model_init_kwargs or {}),
     }
     train_dataset = load_task_dataset(
-        script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        config=script_args.dataset_config,
+        max_samples=script_args.max_train_samples,
     )
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_task_dataset(

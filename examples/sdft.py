@@ -61,10 +61,11 @@ def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args
         **(training_args.model_init_kwargs or {}),
     }
     train_dataset = load_task_dataset(
-        script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        config=script_args.dataset_config,
+        max_samples=script_args.max_train_samples,
     )
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
 
     trainer = SDFTTrainer(
         model=model_args.model_name_or_path,
@@ -77,8 +78,11 @@ def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args
 
     results = {}
     if script_args.eval_gsm8k_samples > 0:
-        held_out = load_task_dataset(script_args.eval_gsm8k_dataset, split=script_args.dataset_test_split)
-        held_out = held_out.select(range(min(script_args.eval_gsm8k_samples, len(held_out))))
+        held_out = load_task_dataset(
+            script_args.eval_gsm8k_dataset,
+            split=script_args.dataset_test_split,
+            max_samples=script_args.eval_gsm8k_samples,
+        )
         # The fresh LoRA adapter is the identity, so this is the seed model.
         results["gsm8k_accuracy_before"] = gsm8k_accuracy(trainer, script_args, held_out)
 

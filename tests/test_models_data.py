@@ -236,3 +236,11 @@ def test_evaluate_gsm8k_left_padding_matches_unbatched(bundled_model):
         model, tokenizer, gsm8k_to_prompt_completion(dataset), batch_size=1, max_new_tokens=12, show_progress=False
     )
     assert [o["output"] for o in batched["outputs"]] == [o["output"] for o in single["outputs"]]
+
+
+def test_load_task_dataset_keeps_the_first_max_samples():
+    from trl_selfdistill.data import bundled_gsm8k, load_task_dataset
+
+    dataset = load_task_dataset("bundled/gsm8k", split="test", max_samples=3)
+    assert len(dataset) == 3 and set(dataset.column_names) == {"prompt", "completion"}
+    assert dataset[2]["prompt"][0]["content"] == bundled_gsm8k("test")[2]["question"]

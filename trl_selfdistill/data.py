@@ -55,7 +55,9 @@ def gsm8k_to_prompt_completion(dataset: Dataset) -> Dataset:
     return dataset.map(_to_prompt_completion, remove_columns=["question", "answer"], desc="GSM8K to prompt-completion")
 
 
-def load_task_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Dataset:
+def load_task_dataset(
+    name_or_path: str, split: str = "train", config: str | None = None, max_samples: int | None = None
+) -> Dataset:
     """Load a task dataset by name or path and return it ready for training.
 
     - ``"bundled/gsm8k"``: the GSM8K sample shipped with the package (``split`` = ``"train"`` or ``"test"``);
@@ -64,7 +66,8 @@ def load_task_dataset(name_or_path: str, split: str = "train", config: str | Non
       directory written by ``save_to_disk``;
     - anything else: ``datasets.load_dataset(name_or_path, config, split=split)`` from the Hub.
 
-    Raw GSM8K rows (``question``/``answer`` columns) are converted with :func:`gsm8k_to_prompt_completion`.
+    Raw GSM8K rows (``question``/``answer`` columns) are converted with :func:`gsm8k_to_prompt_completion`;
+    ``max_samples`` keeps only the first rows.
     """
     if name_or_path == BUNDLED_GSM8K_NAME:
         dataset = bundled_gsm8k(split)
@@ -86,6 +89,8 @@ def load_task_dataset(name_or_path: str, split: str = "train", config: str | Non
     else:
         dataset = load_dataset(name_or_path, config, split=split)
 
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
     if {"question", "answer"} <= set(dataset.column_names):
         dataset = gsm8k_to_prompt_completion(dataset)
     return dataset

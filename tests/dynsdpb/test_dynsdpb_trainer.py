@@ -223,3 +223,23 @@ def test_bad_configurations_fail_at_construction(tmp_path, overrides, dataset, e
             train_dataset=rows() if dataset is None else dataset,
             processing_class=tokenizer,
         )
+
+
+def test_evaluation_uses_the_plain_sft_loss_and_leaves_the_cache_alone(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    eval_rows = rows(6)
+    trainer = DynSDPBTrainer(
+        model=build_tiny_llama(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows(),
+        eval_dataset=eval_rows, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    cached = {index: tensor.clone() for index, tensor in trainer.teacher_cache.current.items()}
+    eval_loss = trainer.evaluate()["eval_loss"]
+    assert trainer.teacher_cache.current.keys() == cached.keys()
+    assert all(torch.equal(trainer.teacher_cache.current[i], cached[i]) for i in cached)
+
+    sft = SFTTrainer(
+        model=trainer.model, args=SFTConfig(**training_kwargs(tmp_path / "sft")), train_dataset=rows(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    assert eval_loss == pytest.approx(sft.evaluate(eval_rows)["eval_loss"], rel=1e-5)

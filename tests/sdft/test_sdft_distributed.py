@@ -1,17 +1,12 @@
-"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated.
-
-Two CPU processes: `--multi_gpu` selects accelerate's torchrun launcher (gloo on CPU); `--cpu` would start one process.
-"""
+"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from datasets import Dataset
+from launch import launch_two_processes
 
 from trl_selfdistill import distill_dataset
 from trl_selfdistill.cache import RowCache
@@ -20,12 +15,7 @@ HERE = Path(__file__).parent
 
 
 def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_tiny_llama):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(HERE / "distributed_sdft.py"), str(tmp_path)]  # fmt: skip
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    launch_two_processes(HERE / "distributed_sdft.py", str(tmp_path))
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every process trains on the full, identical distilled set

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers.utils import logging
 from trl import SFTTrainer
 
+from ..utils import shards_parameters
 from .config import DynSDPBConfig
 from .losses import distillation_loss_sum
 from .sampler import OverlappingBatchSampler, reuse_count_for
@@ -113,8 +114,7 @@ class DynSDPBTrainer(SFTTrainer):
                 "DynSDPB aligns each sample with its own previous-step logits, so samples must stay separate rows: "
                 "set `packing=False` and `padding_free=False`."
             )
-        zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
-        if zero3 or args.fsdp:
+        if shards_parameters(args):
             raise ValueError(
                 "DynSDPB projects hidden states through the output layer itself, which DeepSpeed ZeRO-3 and FSDP "
                 "shard. Use plain data parallelism (`accelerate launch --multi_gpu`), with LoRA or QLoRA for large "

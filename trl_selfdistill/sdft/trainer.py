@@ -16,6 +16,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..models import resolve_model_name
+from ..utils import shards_parameters
 from .checkers import get_checker
 from .config import SDFTConfig
 from .rewrite import distill_dataset, resolve_generation_kwargs
@@ -132,8 +133,7 @@ class SDFTTrainer(SFTTrainer):
                 "`dataset_kwargs={'skip_prepare_dataset': True}` means the dataset is already tokenized, so SDFT "
                 "cannot rewrite it. Pass an untokenized prompt-completion or `messages` dataset."
             )
-        zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
-        if zero3 or args.fsdp:
+        if shards_parameters(args):
             # Sharded parameters need every rank in every forward, but each rank generates its own share of rows.
             raise ValueError(
                 "SDFTTrainer cannot rewrite under DeepSpeed ZeRO-3 or FSDP. Run the rewrite first with "
