@@ -71,6 +71,8 @@ def test_lora_trains_on_the_distilled_targets(tmp_path, tiny_tokenizer, make_tin
         expected = tiny_tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         assert target_ids[: len(expected)] == expected
     assert json.load(open(tmp_path / "out" / REPORT_FILE))["total"] == len(dataset)
+    logged = next(entry for entry in trainer.state.log_history if "distill/total" in entry)
+    assert logged["distill/accepted"] == report["accepted"]
 
     adapter_before, base_before = split_parameters(trainer.model)
     trainer.train()
