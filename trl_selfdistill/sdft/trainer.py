@@ -82,6 +82,7 @@ class SDFTTrainer(SFTTrainer):
             args = SDFTConfig(f"{str(model).rstrip('/').split('/')[-1]}-SDFT")
         elif not isinstance(args, SDFTConfig):
             raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
+        self._validate_before_loading(args, train_dataset, formatting_func)
         if isinstance(model, str):
             model = resolve_model_name(model)
             if processing_class is None:  # loaded here, before the weights, to check the chat template early
@@ -90,7 +91,8 @@ class SDFTTrainer(SFTTrainer):
                     revision=(args.model_init_kwargs or {}).get("revision"),
                     trust_remote_code=args.trust_remote_code,
                 )
-        self._validate_before_loading(args, train_dataset, processing_class, formatting_func)
+        if processing_class is not None:
+            check_renderable(getattr(processing_class, "tokenizer", processing_class), args.distill_template_mode)
 
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
@@ -119,7 +121,7 @@ class SDFTTrainer(SFTTrainer):
         )
 
     @staticmethod
-    def _validate_before_loading(args: SDFTConfig, train_dataset, processing_class, formatting_func) -> None:
+    def _validate_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> None:
         """Every check that can fail, done before the model is loaded and before any generation."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: SDFT rewrites it before training.")
@@ -145,9 +147,6 @@ class SDFTTrainer(SFTTrainer):
         resolve_template(args.distill_template, checker if isinstance(checker, str) else None)
         resolve_generation_kwargs(args.distill_generation_kwargs)
         collect_targets(train_dataset)
-        if processing_class is not None:
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            check_renderable(tokenizer, args.distill_template_mode)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # `SFTTrainer.__init__` tokenizes the training set before the model is ready to rewrite it: keep it raw until
