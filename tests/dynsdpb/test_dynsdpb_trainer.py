@@ -243,3 +243,16 @@ def test_evaluation_uses_the_plain_sft_loss_and_leaves_the_cache_alone(tmp_path)
         processing_class=tokenizer,
     )  # fmt: skip
     assert eval_loss == pytest.approx(sft.evaluate(eval_rows)["eval_loss"], rel=1e-5)
+
+
+def test_a_resumed_dataloader_still_follows_the_epoch(tmp_path):
+    from accelerate import skip_first_batches
+
+    trainer = make_trainer(tmp_path)
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(1)
+    epoch_one = [batch["dynsdpb_index"].tolist() for batch in loader]
+    loader.set_epoch(0)
+    resumed = skip_first_batches(loader, 2)  # what `Trainer` does when resuming mid-epoch
+    resumed.set_epoch(1)
+    assert [batch["dynsdpb_index"].tolist() for batch in resumed] == epoch_one[2:]

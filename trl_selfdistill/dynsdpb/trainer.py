@@ -36,10 +36,18 @@ _INDEX, _REUSED = "dynsdpb_index", "dynsdpb_reused"
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
-    """Serves `(index, reused)` requests from the sampler as rows that remember their index and role."""
+    """Serves `(index, reused)` requests from the sampler as rows that remember their index and role.
 
-    def __init__(self, dataset: Dataset):
+    It also forwards `set_epoch` to the sampler: when a resumed multi-process run wraps the sampler in accelerate's
+    skip and shard samplers, `DataLoaderShard.set_epoch` only reaches the dataset.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: OverlappingBatchSampler):
         self.dataset = dataset
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -157,7 +165,7 @@ class DynSDPBTrainer(SFTTrainer):
             seed=args.data_seed if args.data_seed is not None else args.seed,
         )
         dataloader = DataLoader(
-            _IndexedDataset(dataset),
+            _IndexedDataset(dataset, sampler),
             batch_sampler=sampler,
             collate_fn=_CollatorWithIndices(self.data_collator),
             num_workers=args.dataloader_num_workers,
