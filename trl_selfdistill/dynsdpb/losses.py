@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .schedule import DISTILL_MODES, SampleStatistics, teacher_statistics
+from .schedule import DISTILL_MODES, SampleStatistics, check_one_entry_per_token, teacher_statistics
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -119,11 +119,7 @@ def distillation_loss_sum(
             "not [tokens, vocab]."
         )
     num_tokens, vocab = student_logits.shape
-    if labels.shape != (num_tokens,) or sample_ids.shape != (num_tokens,):
-        raise ValueError(
-            f"`labels` {tuple(labels.shape)} and `sample_ids` {tuple(sample_ids.shape)} need one entry per packed "
-            f"token ({num_tokens})."
-        )
+    check_one_entry_per_token(labels, sample_ids, num_tokens)
     if num_samples < 0:
         raise ValueError(f"`num_samples` must be >= 0, got {num_samples}.")
     if num_tokens:  # one host sync: out-of-range indices would otherwise be a device-side assert on GPU

@@ -35,6 +35,15 @@ class SampleStatistics:
     discrimination: Tensor  # d_i = mean_j p_ij[gold_ij], in [0, 1]
 
 
+def check_one_entry_per_token(labels: Tensor, sample_ids: Tensor, num_tokens: int) -> None:
+    """The packed layout: one gold label and one sample id per token."""
+    if labels.shape != (num_tokens,) or sample_ids.shape != (num_tokens,):
+        raise ValueError(
+            f"`labels` {tuple(labels.shape)} and `sample_ids` {tuple(sample_ids.shape)} need one entry per packed "
+            f"token ({num_tokens})."
+        )
+
+
 @torch.no_grad()
 def teacher_statistics(
     teacher_logits: Tensor, labels: Tensor, sample_ids: Tensor, num_samples: int, chunk_size: int = 1024
@@ -49,11 +58,7 @@ def teacher_statistics(
     num_tokens, vocab = teacher_logits.shape
     if vocab < 2:
         raise ValueError(f"The vocabulary needs at least 2 entries for a normalised entropy, got {vocab}.")
-    if labels.shape != (num_tokens,) or sample_ids.shape != (num_tokens,):
-        raise ValueError(
-            f"`labels` {tuple(labels.shape)} and `sample_ids` {tuple(sample_ids.shape)} need one entry per packed "
-            f"token ({num_tokens})."
-        )
+    check_one_entry_per_token(labels, sample_ids, num_tokens)
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)

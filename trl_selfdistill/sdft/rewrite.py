@@ -103,11 +103,12 @@ def distill_dataset(
     targets = collect_targets(dataset)
     prompts = [render_prompt(distill_template, t.instruction, t.reference, tokenizer, template_mode) for t in targets]
 
-    key = fingerprint(model_fingerprint(model), prompts, decoding, seed)
+    seed_model = model_fingerprint(model)
+    key = fingerprint(seed_model, prompts, decoding, seed)
     state = PartialState()
     cache = RowCache(os.path.join(cache_dir or default_cache_dir(), "rewrites", key), f"rank{state.process_index}")
     if state.is_main_process:
-        cache.write_metadata({"model": model_fingerprint(model), "template": distill_template, "decoding": decoding})
+        cache.write_metadata({"model": seed_model, "template": distill_template, "decoding": decoding})
 
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     rewrites, generated = _generate_missing(
