@@ -60,6 +60,7 @@ def main(script_args: DynSDPBScriptArguments, training_args: DynSDPBConfig, mode
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()  # finish the trackers and destroy the process group, as TRL's scripts do
 
 
 if __name__ == "__main__":

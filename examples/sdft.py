@@ -102,6 +102,7 @@ def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args
     )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()  # finish the trackers and destroy the process group, as TRL's scripts do
 
 
 if __name__ == "__main__":

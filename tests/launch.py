@@ -20,4 +20,4 @@ def launch_two_processes(script: Path, *script_args: str) -> None:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(script), *script_args]  # fmt: skip
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Run by test_sdft_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,3 +34,7 @@ trainer.train()
 rank = PartialState().process_index
 result = {"report": trainer.distillation_report, "completions": list(trainer.train_dataset["completion"])}
 (out / f"rank{rank}.json").write_text(json.dumps(result))
+# Both results are on disk once every process is here. Then leave without the gloo teardown, which on CPU now and
+# then aborts a process ("terminate called without an active exception") after all the work is done.
+trainer.accelerator.wait_for_everyone()
+os._exit(0)
