@@ -22,3 +22,10 @@ def bundled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 
         path = bundled_model_path()
         yield path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of the bundled model (converted once per session, then loaded at 135M parameters) are slow."""
+    for item in items:
+        if "bundled_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -45,6 +45,7 @@ def test_paper_recipe_config_is_the_paper_recipe():
         assert line in recipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [True, False])
 def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
     tokenizer = build_tiny_tokenizer()
@@ -69,6 +70,7 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
     assert ("adapter_model.safetensors" if peft else "model.safetensors") in saved
 
 
+@pytest.mark.slow
 def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
     tokenizer = build_tiny_tokenizer()
     build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from launch import launch_two_processes
 
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_chains_per_rank_and_slot_with_two_processes(tmp_path):
     launch_two_processes(HERE / "distributed_dynsdpb.py", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

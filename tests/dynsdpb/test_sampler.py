@@ -198,7 +198,7 @@ def test_len(n, batch_size, reuse, accumulation, processes, steps):
         ({"num_processes": 2, "process_index": 2}, "process_index=2"),
         ({"process_index": -1}, "process_index=-1"),
         ({"num_processes": 0}, "num_processes=0"),
-        ({"num_samples": 7, "gradient_accumulation_steps": 2, "num_processes": 2}, "Use at least 8 samples"),
+        ({"num_samples": 7, "gradient_accumulation_steps": 2, "num_processes": 2}, "Use at least 8 rows"),
     ],
 )
 def test_constructor_validation(kwargs, message):
@@ -210,8 +210,7 @@ def test_constructor_validation(kwargs, message):
 def test_reuse_count_for():
     assert reuse_count_for(8, 0.5) == 4
     assert reuse_count_for(8, 0.25) == 2
-    with pytest.warns(UserWarning, match=r"effective fraction 0\.4"):
-        assert reuse_count_for(5, 0.5) == 2  # round(2.5) == 2
+    assert reuse_count_for(5, 0.5) == 2  # round(2.5) == 2; the config warns about it (test_dynsdpb_config.py)
     for batch_size, fraction in [(1, 0.5), (8, 0.75), (8, 0.01), (8, float("nan"))]:
         with pytest.raises(ValueError, match="reuse_fraction"):
             reuse_count_for(batch_size, fraction)

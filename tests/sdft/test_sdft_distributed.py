@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from datasets import Dataset
 from launch import launch_two_processes
 
@@ -14,6 +15,7 @@ from trl_selfdistill.cache import RowCache
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_tiny_llama):
     launch_two_processes(HERE / "distributed_sdft.py", str(tmp_path))
 

@@ -154,6 +154,42 @@ def test_same_seed_same_rewrites_and_adapter_is_disabled(tmp_path, tiny_tokenize
     assert not torch.allclose(with_adapter, without_adapter)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_rewrite_from_a_model_in_training_mode_with_gradient_checkpointing(
+    tmp_path, tiny_tokenizer, make_tiny_llama, reentrant
+):
+    """A model handed over mid-training (train mode, checkpointing on) rewrites as in eval mode, then trains on."""
+
+    def distilled(directory):
+        return [json.loads(line)["completion"] for line in open(directory / "out" / DISTILLED_DATASET_FILE)]
+
+    reference = tmp_path / "eval-mode"
+    SDFTTrainer(
+        model=make_tiny_llama(tiny_tokenizer).eval(),
+        args=sdft_config(reference, gradient_checkpointing=False),
+        train_dataset=arithmetic_dataset(4),
+        processing_class=tiny_tokenizer,
+    )
+    model = make_tiny_llama(tiny_tokenizer)
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    model.train()
+    trainer = SDFTTrainer(
+        model=model,
+        args=sdft_config(tmp_path, gradient_checkpointing_kwargs={"use_reentrant": reentrant}),
+        train_dataset=arithmetic_dataset(4),
+        processing_class=tiny_tokenizer,
+        peft_config=lora(),
+    )
+    assert trainer.distillation_report["generated"] == 4
+    assert distilled(tmp_path) == distilled(reference)
+    base = trainer.model.get_base_model()
+    assert base.training and base.is_gradient_checkpointing  # left as it was handed over
+    adapter_before, _ = split_parameters(trainer.model)
+    trainer.train()
+    adapter_after, _ = split_parameters(trainer.model)
+    assert any(not torch.equal(adapter_before[n], adapter_after[n]) for n in adapter_before)
+
+
 def test_qlora_4bit_path(tmp_path, tiny_tokenizer, make_tiny_llama):
     model_dir = tmp_path / "tiny-llama"
     make_tiny_llama(tiny_tokenizer).save_pretrained(model_dir)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .sampler import reuse_count_for
 from .schedule import DISTILL_MODES
 
 CACHE_DTYPES = ("bfloat16", "float16", "float32")
@@ -35,9 +38,11 @@ class DynSDPBConfig(SFTConfig):
             Fraction of each per-device batch that re-uses the previous step's new samples; at most 0.5 (the
             previous step only had `1 - reuse_fraction` new samples), and it must leave at least one re-used sample.
         teacher_cache_dtype (`str`, *optional*, defaults to `"bfloat16"`):
-            Dtype of the cached previous-step logits.
-        kl_chunk_size (`int`, *optional*, defaults to `1024`):
-            Tokens per chunk when computing the distillation KL, to bound the float32 working memory.
+            Dtype of the cached previous-step predictions: final hidden states when the output layer is frozen (LoRA,
+            QLoRA), logits when it is trained.
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Response tokens per chunk of the cross-entropy and distillation loss, which never hold all the logits at
+            once. `None` picks about 8M logits (32 MB in float32) per chunk.
     """
 
     distill_mode: str = field(
@@ -54,9 +59,11 @@ class DynSDPBConfig(SFTConfig):
     )
     teacher_cache_dtype: str = field(
         default="bfloat16",
-        metadata={"help": "Dtype of the cached previous-step logits.", "choices": list(CACHE_DTYPES)},
+        metadata={"help": "Dtype of the cached previous-step predictions.", "choices": list(CACHE_DTYPES)},
     )
-    kl_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the distillation KL."})
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Response tokens per chunk of the loss (default: about 8M logits)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,5 +75,14 @@ class DynSDPBConfig(SFTConfig):
             raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}.")
         if self.teacher_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"`teacher_cache_dtype` must be one of {CACHE_DTYPES}, got {self.teacher_cache_dtype!r}.")
-        if self.kl_chunk_size < 1:
-            raise ValueError(f"`kl_chunk_size` must be >= 1, got {self.kl_chunk_size}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"`loss_chunk_size` must be >= 1 or None, got {self.loss_chunk_size}.")
+        reuse = reuse_count_for(self.per_device_train_batch_size, self.reuse_fraction)
+        if not math.isclose(self.per_device_train_batch_size * self.reuse_fraction, reuse):
+            warnings.warn(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} x reuse_fraction="
+                f"{self.reuse_fraction} is not a whole number: {reuse} samples per batch are re-used (effective "
+                f"fraction {reuse / self.per_device_train_batch_size:.4g}).",
+                UserWarning,
+                stacklevel=3,
+            )

@@ -27,7 +27,6 @@ resumed run that skips the first batches of an epoch sees exactly the ones an un
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -46,14 +45,25 @@ def reuse_count_for(batch_size: int, reuse_fraction: float) -> int:
             "never re-use). Use per_device_train_batch_size >= 2 and a reuse_fraction in (0, 0.5] that keeps at "
             "least one sample, e.g. per_device_train_batch_size=8 with reuse_fraction=0.5 (4 re-used + 4 new)."
         )
-    if not math.isclose(batch_size * reuse_fraction, reuse):
-        warnings.warn(
-            f"per_device_train_batch_size={batch_size} x reuse_fraction={reuse_fraction} is not a whole number: "
-            f"{reuse} samples per batch are re-used (effective fraction {reuse / batch_size:.4g}).",
-            UserWarning,
-            stacklevel=2,
-        )
     return reuse
+
+
+def check_dataset_size(
+    num_samples: int, batch_size: int, reuse_count: int, gradient_accumulation_steps: int, num_processes: int
+) -> int:
+    """The new samples one optimizer step takes (`G x W x (B - k)`); fails if the dataset cannot fill one step.
+
+    The first step must fill every chain, or some chain would start empty and never re-use anything.
+    """
+    new_per_step = gradient_accumulation_steps * num_processes * (batch_size - reuse_count)
+    if num_samples < new_per_step:
+        raise ValueError(
+            f"The training dataset has {num_samples} rows but one optimizer step takes {new_per_step} new samples "
+            f"(gradient_accumulation_steps={gradient_accumulation_steps} x processes={num_processes} x new per "
+            f"batch={batch_size - reuse_count}). Use at least {new_per_step} rows, or lower "
+            "per_device_train_batch_size, gradient_accumulation_steps or the number of processes."
+        )
+    return new_per_step
 
 
 class OverlappingBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
@@ -105,15 +115,9 @@ class OverlappingBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
-        self.new_per_step = gradient_accumulation_steps * num_processes * self.new_per_batch
-        # The first step must fill every chain; otherwise some chain would start empty and never re-use anything.
-        if num_samples < self.new_per_step:
-            raise ValueError(
-                f"The dataset has {num_samples} samples but one optimizer step takes {self.new_per_step} new samples "
-                f"(gradient_accumulation_steps={gradient_accumulation_steps} x processes={num_processes} x new per "
-                f"batch={self.new_per_batch}). Use at least {self.new_per_step} samples, or lower "
-                "per_device_train_batch_size, gradient_accumulation_steps or the number of processes."
-            )
+        self.new_per_step = check_dataset_size(
+            num_samples, batch_size, reuse_count, gradient_accumulation_steps, num_processes
+        )
         self.steps_per_epoch = math.ceil(num_samples / self.new_per_step)
 
     def set_epoch(self, epoch: int) -> None:

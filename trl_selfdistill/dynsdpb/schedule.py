@@ -35,48 +35,25 @@ class SampleStatistics:
     discrimination: Tensor  # d_i = mean_j p_ij[gold_ij], in [0, 1]
 
 
-def check_one_entry_per_token(labels: Tensor, sample_ids: Tensor, num_tokens: int) -> None:
-    """The packed layout: one gold label and one sample id per token."""
-    if labels.shape != (num_tokens,) or sample_ids.shape != (num_tokens,):
-        raise ValueError(
-            f"`labels` {tuple(labels.shape)} and `sample_ids` {tuple(sample_ids.shape)} need one entry per packed "
-            f"token ({num_tokens})."
-        )
+def sample_statistics(entropy: Tensor, log_probs: Tensor, counts: list[int], vocab_size: int) -> SampleStatistics:
+    """Per-sample `u_i` and `d_i` from per-token entropies and gold log-probabilities of one forward pass.
 
-
-@torch.no_grad()
-def teacher_statistics(
-    teacher_logits: Tensor, labels: Tensor, sample_ids: Tensor, num_samples: int, chunk_size: int = 1024
-) -> SampleStatistics:
-    """Per-sample mean normalised entropy and mean gold-token probability of the teacher.
-
-    Computed in float32 (float64 for float64 inputs), `chunk_size` tokens at a time to bound the working memory. A
-    sample with no tokens gets zeros.
+    `entropy` and `log_probs` are packed `[sum(counts)]` (sample after sample, `counts[i]` tokens each). A sample with
+    no tokens gets zeros.
     """
-    if teacher_logits.dim() != 2:
-        raise ValueError(f"`teacher_logits` must be [tokens, vocab], got shape {tuple(teacher_logits.shape)}.")
-    num_tokens, vocab = teacher_logits.shape
-    if vocab < 2:
-        raise ValueError(f"The vocabulary needs at least 2 entries for a normalised entropy, got {vocab}.")
-    check_one_entry_per_token(labels, sample_ids, num_tokens)
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
-    entropy = torch.empty(num_tokens, dtype=dtype, device=teacher_logits.device)
-    gold = torch.empty_like(entropy)
-    for start in range(0, num_tokens, chunk_size):
-        chunk = slice(start, start + chunk_size)
-        log_p = torch.log_softmax(teacher_logits[chunk].to(dtype), dim=-1)
-        p = log_p.exp()
-        entropy[chunk] = -torch.where(p > 0, p * log_p, 0.0).sum(-1)  # 0 * log 0 = 0 (masked vocabulary entries)
-        gold[chunk] = p.gather(-1, labels[chunk, None].long()).squeeze(-1)
-    entropy /= math.log(vocab)
-    ids = sample_ids.long()
-    counts = torch.zeros(num_samples, dtype=dtype, device=entropy.device).index_add_(0, ids, torch.ones_like(gold))
-    sums = torch.zeros(2, num_samples, dtype=dtype, device=entropy.device)
-    sums[0].index_add_(0, ids, entropy)
-    sums[1].index_add_(0, ids, gold)
-    means = sums / counts.clamp(min=1)
+    if vocab_size < 2:
+        raise ValueError(f"The vocabulary needs at least 2 entries for a normalised entropy, got {vocab_size}.")
+    if entropy.shape != log_probs.shape or entropy.shape != (sum(counts),):
+        raise ValueError(
+            f"`entropy` {tuple(entropy.shape)} and `log_probs` {tuple(log_probs.shape)} need one entry per token "
+            f"({sum(counts)})."
+        )
+    device = entropy.device
+    sample_ids = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    sums = torch.zeros(2, len(counts), dtype=torch.float32, device=device)
+    sums[0].index_add_(0, sample_ids, entropy.detach().float() / math.log(vocab_size))
+    sums[1].index_add_(0, sample_ids, log_probs.detach().float().exp())
+    means = sums / torch.tensor(counts, device=device).clamp(min=1)
     return SampleStatistics(uncertainty=means[0].clamp(0, 1), discrimination=means[1].clamp(0, 1))
 
 

@@ -6,27 +6,33 @@
              all divided by the number of response tokens, TRL's normalisation     (losses.py, schedule.py)
 
 `z_prev` are the logits the model gave the same sample's response tokens one optimizer update earlier
-(teacher_cache.py). The student's logits are projected from the final hidden states at response positions only.
+(teacher_cache.py): cached as final hidden states when the output layer is frozen (LoRA, QLoRA), as logits otherwise.
+Both terms are computed inside the model's forward pass, from the final hidden states at response positions, a chunk
+of tokens at a time, so that no full logits tensor ever exists (head.py, losses.py).
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from datasets import Dataset
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from ..utils import shards_parameters
+from ..models import resolve_model_name
+from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import DynSDPBConfig
-from .losses import distillation_loss_sum
-from .sampler import OverlappingBatchSampler, reuse_count_for
-from .schedule import DISTILL_MODES, SampleStatistics
+from .head import DistillationInputs, DistillationOutput, add_distillation_head, output_layer
+from .losses import default_chunk_size, project_in_chunks
+from .sampler import OverlappingBatchSampler, check_dataset_size, reuse_count_for
+from .schedule import DISTILL_MODES, SampleStatistics, sample_statistics
 from .teacher_cache import TeacherCache
 
 logger = logging.get_logger(__name__)
@@ -101,13 +107,18 @@ class DynSDPBTrainer(SFTTrainer):
 
     def __init__(self, model, args: DynSDPBConfig | None = None, train_dataset: Dataset | None = None, **kwargs):
         if args is None:
-            args = DynSDPBConfig(f"{str(model).rstrip('/').split('/')[-1]}-DynSDPB")
+            args = DynSDPBConfig(default_output_dir(model, "DynSDPB"))
         elif not isinstance(args, DynSDPBConfig):
             raise TypeError(f"`args` must be a `DynSDPBConfig`, got {type(args).__name__}.")
         self._validate_before_loading(args, train_dataset, kwargs)
+        if isinstance(model, str):
+            model = resolve_model_name(model)
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
-        self._validate_model()
-        self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype))
+        check_trainable_dtypes(self.model, uses_grad_scaler=self.accelerator.scaler is not None)
+        output_layer_is_trained = self._validate_model()
+        add_distillation_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        # A frozen output layer turns the same hidden states into the same logits one step later: cache the former.
+        self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype), not output_layer_is_trained)
 
     @staticmethod
     def _validate_before_loading(args: DynSDPBConfig, train_dataset, kwargs: dict) -> None:
@@ -119,8 +130,8 @@ class DynSDPBTrainer(SFTTrainer):
             )
         if args.packing or args.padding_free:
             raise ValueError(
-                "DynSDPB aligns each sample with its own previous-step logits, so samples must stay separate rows: "
-                "set `packing=False` and `padding_free=False`."
+                "DynSDPB aligns each sample with its own previous-step predictions, so samples must stay separate "
+                "rows: set `packing=False` and `padding_free=False`."
             )
         if shards_parameters(args):
             raise ValueError(
@@ -133,16 +144,13 @@ class DynSDPBTrainer(SFTTrainer):
                 "DynSDPB computes its own loss (cross-entropy + distillation): use `loss_type='nll'`, no "
                 "`label_smoothing_factor` and no `compute_loss_func`."
             )
-        reuse = reuse_count_for(args.per_device_train_batch_size, args.reuse_fraction)
-        needed = args.gradient_accumulation_steps * args.world_size * (args.per_device_train_batch_size - reuse)
-        if len(train_dataset) < needed:
-            raise ValueError(
-                f"The training dataset has {len(train_dataset)} rows but one optimizer step takes {needed} new "
-                "samples (gradient_accumulation_steps x processes x (per_device_train_batch_size - re-used)). Use "
-                "more data or lower `per_device_train_batch_size` / `gradient_accumulation_steps`."
-            )
+        check_liger_kernel(args)
+        batch_size = args.per_device_train_batch_size
+        reuse = reuse_count_for(batch_size, args.reuse_fraction)
+        check_dataset_size(len(train_dataset), batch_size, reuse, args.gradient_accumulation_steps, args.world_size)
 
-    def _validate_model(self) -> None:
+    def _validate_model(self) -> bool:
+        """Refuses models whose logits are not `output_layer(final hidden states)`; says whether that layer trains."""
         text_config = self.model.config.get_text_config()
         for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
             if getattr(text_config, name, None) not in (None, 1, 1.0):
@@ -150,6 +158,28 @@ class DynSDPBTrainer(SFTTrainer):
                     f"DynSDPB projects hidden states with the plain output layer, but this model sets `{name}`. Only "
                     "models whose logits are `lm_head(hidden_states)` (Llama, Mistral, Qwen, ...) are supported."
                 )
+        head = output_layer(self.model)
+        linear = head.original_module if isinstance(head, ModulesToSaveWrapper) else head
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"DynSDPB projects hidden states through the output layer's weight itself, so it must be a linear "
+                f"layer, but it is a {type(head).__name__}. With PEFT, leave `lm_head` out of `target_modules` and "
+                "`trainable_token_indices`; to train it, list it in `modules_to_save` instead."
+            )
+        if not head.weight.is_floating_point():
+            raise ValueError(
+                f"The output layer is quantized ({type(linear).__name__}), but DynSDPB projects hidden states through "
+                "its weight. Keep `lm_head` unquantized (bitsandbytes does by default; do not remove it from "
+                "`llm_int8_skip_modules`)."
+            )
+        if head.weight.is_meta:
+            raise ValueError(
+                "The output layer is offloaded (its weights are loaded only during the forward pass): `device_map` "
+                "puts `lm_head` on 'cpu' or 'disk'. DynSDPB uses the output layer's weight directly; keep `lm_head` "
+                "on an accelerator (for example give `max_memory` room for it, or place it with an explicit "
+                "`device_map`)."
+            )
+        return head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -196,89 +226,102 @@ class DynSDPBTrainer(SFTTrainer):
         if return_outputs:
             raise ValueError("DynSDPBTrainer does not return outputs during training.")
         self.teacher_cache.advance_to(self.state.global_step)
+        rows = _Rows(indices.tolist(), reused.tolist(), (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist())
+        distillation, weights = self._distillation_inputs(rows)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "assistant_masks")}
+        outputs = model(**model_inputs, dynsdpb=distillation)  # the loss terms, computed inside the forward (head.py)
+        self._cache_new_samples(rows, outputs)
 
-        labels = inputs["labels"][:, 1:]
-        forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "completion_mask", "assistant_masks")}
-        # Only the last position's logits are built by the model; the response positions are projected below.
-        outputs = model(**forward_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        mask = labels != -100
-        hidden = outputs.hidden_states[-1][:, :-1][mask]
-        logits = self.accelerator.unwrap_model(model).get_output_embeddings()(hidden)  # [response tokens, vocab]
-        targets = labels[mask]
-        token_slices = _token_slices(mask.sum(dim=1).tolist())
-
-        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        student, teacher, gold = [], [], []
-        for row, (index, is_reused) in enumerate(zip(indices.tolist(), reused.tolist(), strict=True)):
-            row_logits = logits[token_slices[row]]
-            if not is_reused:
-                self.teacher_cache.put(index, row_logits)
-                continue
-            cached = self.teacher_cache.take(index)
-            if cached is None:  # the first step, or a checkpoint without a cache
-                continue
-            if cached.shape != row_logits.shape:
-                raise RuntimeError(
-                    f"Sample {index} has {row_logits.shape[0]} response tokens now but had {cached.shape[0]} one "
-                    "step ago: its tokenization must be deterministic (no random truncation or augmentation)."
-                )
-            student.append(row_logits)
-            teacher.append(cached)
-            gold.append(targets[token_slices[row]])
-
-        kl_sum, dynamics = logits.new_zeros((), dtype=torch.float32), None
-        if student:
-            sample_ids = torch.cat([torch.full((len(g),), i, device=logits.device) for i, g in enumerate(gold)])
-            kl_sum, stats, alphas, temperatures = distillation_loss_sum(
-                torch.cat(student),
-                torch.cat(teacher),
-                torch.cat(gold),
-                sample_ids,
-                len(student),
-                self.args.distill_alpha,
-                self.args.distill_temperature,
-                chunk_size=self.args.kl_chunk_size,
-                weights_fn=self.distillation_weights,
-            )
-            dynamics = [alphas, temperatures, stats.uncertainty, stats.discrimination]
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = (ce_sum + kl_sum) / torch.as_tensor(num_tokens).clamp(min=1)
+        ce_sum, distill_sum = -outputs.log_probs.sum(), outputs.distill.sum()
+        num_tokens = sum(rows.counts) if num_items_in_batch is None else num_items_in_batch
+        loss = (ce_sum + distill_sum) / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the token count spans all ranks
-        self._record_metrics(logits, targets, ce_sum, kl_sum, len(indices), len(student), dynamics)
+        self._record_metrics(inputs, outputs, ce_sum, distill_sum, rows, weights)
         return loss
 
-    def _record_metrics(self, logits, targets, ce_sum, kl_sum, batch_rows, n_distilled, dynamics) -> None:
+    def _distillation_inputs(self, rows: _Rows) -> tuple[DistillationInputs, torch.Tensor]:
+        """Takes the re-used rows' teachers from the cache; returns the forward's inputs and `[u, d, alpha, T]`."""
+        teachers = {}
+        for row, (index, is_reused) in enumerate(zip(rows.indices, rows.reused, strict=True)):
+            teacher = self.teacher_cache.take(index) if is_reused else None
+            if teacher is None:  # a new sample, the first step, or a checkpoint without a cache
+                continue
+            if teacher.states.shape[0] != rows.counts[row]:
+                raise RuntimeError(
+                    f"Sample {index} has {rows.counts[row]} response tokens now but had {teacher.states.shape[0]} "
+                    "one step ago: its tokenization must be deterministic (no random truncation or augmentation)."
+                )
+            teachers[row] = teacher
+        head = output_layer(self.model)
+        device, width = head.weight.device, head.weight.shape[1 if self.teacher_cache.holds_hidden_states else 0]
+        statistics = torch.stack([t.statistics for t in teachers.values()]) if teachers else torch.zeros(0, 2)
+        statistics = statistics.to(device)
+        alphas, temperatures = self.distillation_weights(SampleStatistics(statistics[:, 0], statistics[:, 1]))
+        token_counts = torch.tensor([rows.counts[row] for row in teachers], dtype=torch.long, device=device)
+        teacher_states = [t.states for t in teachers.values()]
+        inputs = DistillationInputs(
+            distilled_rows=torch.tensor([row in teachers for row in range(len(rows.indices))], device=device),
+            teacher=torch.cat(teacher_states) if teachers else torch.zeros(0, width, device=device),
+            teacher_is_hidden=self.teacher_cache.holds_hidden_states,
+            kl_weight=alphas.float().repeat_interleave(token_counts),
+            temperature=temperatures.float().repeat_interleave(token_counts),
+            returned_rows=~torch.tensor(rows.reused, dtype=torch.bool, device=device),
+            chunk_size=self.args.loss_chunk_size,
+        )
+        return inputs, torch.stack([statistics[:, 0], statistics[:, 1], alphas.float(), temperatures.float()], 1)
+
+    @torch.no_grad()
+    def _cache_new_samples(self, rows: _Rows, outputs: DistillationOutput) -> None:
+        """Caches each new sample's prediction (hidden states, or logits for a trained output layer) and its `u, d`."""
+        new = [row for row, is_reused in enumerate(rows.reused) if not is_reused]
+        if not new:
+            return
+        head = output_layer(self.model)
+        counts = [rows.counts[row] for row in new]
+        is_new = torch.repeat_interleave(
+            ~torch.tensor(rows.reused, device=outputs.entropy.device),
+            torch.tensor(rows.counts, device=outputs.entropy.device),
+        )
+        stats = sample_statistics(outputs.entropy[is_new], outputs.log_probs[is_new], counts, head.weight.shape[0])
+        states = outputs.returned_hidden
+        if not self.teacher_cache.holds_hidden_states:
+            chunk_size = self.args.loss_chunk_size or default_chunk_size(head.weight.shape[0])
+            states = project_in_chunks(states, head.weight, head.bias, chunk_size, self.teacher_cache.dtype)
+        statistics = torch.stack([stats.uncertainty, stats.discrimination], dim=1)
+        for row, row_states, row_statistics in zip(new, states.split(counts), statistics, strict=True):
+            self.teacher_cache.put(rows.indices[row], row_states, row_statistics)
+
+    def _record_metrics(self, inputs, outputs, ce_sum, distill_sum, rows: _Rows, weights: torch.Tensor) -> None:
         """Sums gathered over processes, then turned into the means that appear in the logs."""
         with torch.no_grad():
             zero = ce_sum.new_zeros(())
             sums = torch.stack(
                 [
                     ce_sum.detach(),
-                    zero + targets.numel(),
-                    (logits.argmax(dim=-1) == targets).sum().float(),
-                    kl_sum.detach(),
-                    zero + n_distilled,
-                    zero + batch_rows,
-                    *([zero + value.sum() for value in dynamics] if dynamics else [zero] * 4),
+                    zero + outputs.log_probs.numel(),
+                    outputs.is_top1.sum().float(),
+                    outputs.entropy.sum(),
+                    distill_sum.detach(),
+                    zero + weights.shape[0],
+                    zero + len(rows.indices),
+                    zero + inputs["attention_mask"].sum(),
+                    *weights.to(zero.device).sum(0),
                 ]
             ).float()
-            ce, tokens, correct, kl, distilled, rows, alpha, temp, unc, disc = self.accelerator.gather(sums[None]).sum(
-                0
-            )
+            gathered = self.accelerator.gather(sums[None]).sum(0).tolist()
+        ce, tokens, correct, entropy, distill, distilled, batch_rows, seen, *dynamics = gathered
+        self._total_train_tokens += int(seen)
         metrics = self._metrics["train"]
-        metrics["ce_loss"].append((ce / tokens.clamp(min=1)).item())
-        metrics["mean_token_accuracy"].append((correct / tokens.clamp(min=1)).item())
-        metrics["distill/loss"].append((kl / tokens.clamp(min=1)).item())
-        metrics["distill/reused_fraction"].append((distilled / rows.clamp(min=1)).item())
+        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics["ce_loss"].append(ce / max(tokens, 1))
+        metrics["mean_token_accuracy"].append(correct / max(tokens, 1))
+        metrics["entropy"].append(entropy / max(tokens, 1))
+        metrics["distill/loss"].append(distill / max(tokens, 1))
+        metrics["distill/reused_fraction"].append(distilled / max(batch_rows, 1))
         if distilled > 0:
-            for name, value in (
-                ("alpha", alpha),
-                ("temperature", temp),
-                ("uncertainty", unc),
-                ("discrimination", disc),
-            ):
-                metrics[f"distill/mean_{name}"].append((value / distilled).item())
+            for name, value in zip(("uncertainty", "discrimination", "alpha", "temperature"), dynamics, strict=True):
+                metrics[f"distill/mean_{name}"].append(value / distilled)
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
@@ -291,18 +334,18 @@ class DynSDPBTrainer(SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, TEACHER_CACHE_FILE.format(rank=self.accelerator.process_index))
         if os.path.isfile(path):
-            self.teacher_cache.load_state_dict(torch.load(path, weights_only=True), self.accelerator.device)
+            state = torch.load(path, weights_only=True)
+            self.teacher_cache.load_state_dict(state, output_layer(self.model).weight.device, source=path)
         else:
             logger.warning(
-                f"{path} not found: resuming without the previous step's logits, so the first re-used samples are "
-                "trained without distillation."
+                f"{path} not found: resuming without the previous step's predictions, so the first re-used samples "
+                "are trained without distillation."
             )
 
 
-def _token_slices(counts: list[int]) -> list[slice]:
-    """The slice of the packed response tokens that belongs to each row."""
-    slices, start = [], 0
-    for count in counts:
-        slices.append(slice(start, start + count))
-        start += count
-    return slices
+class _Rows(NamedTuple):
+    """The rows of a micro-batch: dataset index, whether re-used, number of response tokens."""
+
+    indices: list[int]
+    reused: list[bool]
+    counts: list[int]

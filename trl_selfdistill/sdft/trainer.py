@@ -16,7 +16,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..models import resolve_model_name
-from ..utils import shards_parameters
+from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .checkers import get_checker
 from .config import SDFTConfig
 from .rewrite import distill_dataset, resolve_generation_kwargs
@@ -79,7 +79,7 @@ class SDFTTrainer(SFTTrainer):
         **kwargs: Any,
     ):
         if args is None:
-            args = SDFTConfig(f"{str(model).rstrip('/').split('/')[-1]}-SDFT")
+            args = SDFTConfig(default_output_dir(model, "SDFT"))
         elif not isinstance(args, SDFTConfig):
             raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
         self._validate_before_loading(args, train_dataset, formatting_func)
@@ -97,6 +97,7 @@ class SDFTTrainer(SFTTrainer):
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
         super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
+        check_trainable_dtypes(self.model, uses_grad_scaler=self.accelerator.scaler is not None)
 
         result = distill_dataset(
             self.accelerator.unwrap_model(self.model),
@@ -142,6 +143,7 @@ class SDFTTrainer(SFTTrainer):
                 "`trl_selfdistill.distill_dataset` (one process or plain data parallel), then train `SFTTrainer` on "
                 "the distilled dataset with your sharded setup."
             )
+        check_liger_kernel(args)
         checker = args.distill_checker
         get_checker(checker)
         resolve_template(args.distill_template, checker if isinstance(checker, str) else None)

@@ -1,0 +1,242 @@
+"""SFT, SDFT and DynSDPB with the papers' QLoRA recipe on a Llama-2-7B-shaped model, on one GPU, in one command.
+
+    python benchmarks/gpu_qlora.py                      # about 3 minutes on one H100; no downloads
+    python benchmarks/gpu_qlora.py --preset tiny        # the same on a tiny model, to check the script on a CPU
+
+The model has Llama-2-7B's shape (32 layers, hidden 4096, MLP 11008, 32 heads, 32,000-token vocabulary) and random
+weights, built locally and quantized on load: NF4 with double quantization and bf16 compute, LoRA r 8 / alpha 16 /
+dropout 0.05 on q_proj and v_proj, gradient checkpointing, `bf16=True`, lr 1e-4 cosine, batch 8 x 512 tokens. Each
+trainer gets a fresh model; their median step time (after two warm-up steps), tokens/s, and peak allocated and reserved
+GPU memory during training (the 4-bit weights included) are compared with `SFTTrainer`'s, measured in the same run.
+
+SDFT's extra cost is the rewrite: its tokens/s (the trainer's default batch) is measured against a one-row `generate`
+loop over the same prompts, both producing exactly `--rewrite-tokens` tokens per row with the paper's sampling. SDFT's
+training steps then run on the references (the benchmark's checker rejects every rewrite), so that its batches have
+the same 8 x 512 shape as the others: after the rewrite, SDFT training is SFT.
+
+Against the hardware: the training steps' model FLOP/s (6 x parameters x tokens: forward, recomputed forward and
+input-gradient backward, no weight gradients for the frozen 4-bit weights) as a fraction of the GPU's dense bf16 peak,
+and the rewrite's tokens/s as a fraction of the decode floor (every step reads all weights once; KV cache ignored).
+
+It prints a table, writes JSON (`--out`), and puts the ratios to SFT on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from harness import (
+    TRAINERS,
+    check_row_lengths,
+    device_name,
+    format_ratios,
+    free_memory,
+    load_model,
+    measure_training,
+    print_table,
+    prompt_completion_rows,
+    random_state_dict,
+    ratios_to,
+    train_one,
+    word_tokenizer,
+    write_json,
+)
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig, LlamaConfig
+
+from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
+from trl_selfdistill.generation import TransformersEngine
+from trl_selfdistill.sdft.rewrite import resolve_generation_kwargs
+from trl_selfdistill.sdft.targets import collect_targets
+from trl_selfdistill.sdft.templates import render_prompt, resolve_template
+
+PRESETS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
+SEED = 0
+# Dense bf16 tensor-core peak and memory bandwidth of the SXM parts, for the fractions of the floor.
+GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=96, help="training rows of SFT and DynSDPB")
+    parser.add_argument("--rewrite-rows", type=int, default=16, help="rows SDFT rewrites and trains on")
+    parser.add_argument("--rewrite-tokens", type=int, default=32, help="new tokens per rewritten row")
+    parser.add_argument("--out", default="benchmarks/results/gpu_qlora.json")
+    return parser.parse_args()
+
+
+def reject_every_rewrite(rewrite: str, reference: str, row: dict) -> bool:
+    """The benchmark's checker: SDFT trains on the references, in batches of the same shape as SFT's."""
+    return False
+
+
+def main() -> None:
+    cli = parse_args()
+    on_gpu = torch.cuda.is_available()
+    config = LlamaConfig(**PRESETS[cli.preset], vocab_size=cli.vocab_size, max_position_embeddings=4096)
+    tokenizer = word_tokenizer(cli.vocab_size)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    completion_tokens = cli.sequence_length - cli.prompt_tokens - 1  # SFT appends the EOS token
+    dataset = prompt_completion_rows(cli.rows, cli.prompt_tokens, completion_tokens, cli.vocab_size)
+    started = time.perf_counter()
+    state_dict = random_state_dict(config, torch.bfloat16)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+    def load():
+        return load_model(config, state_dict, torch.bfloat16, quantization)
+
+    def lora():
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpu_qlora-"))
+
+    def args_for(config_class, name, **extra):
+        return config_class(
+            output_dir=str(workdir / name),
+            per_device_train_batch_size=cli.batch_size,
+            max_steps=cli.steps,
+            learning_rate=1e-4,
+            lr_scheduler_type="cosine",
+            bf16=True,
+            gradient_checkpointing=True,
+            max_length=cli.sequence_length,
+            logging_steps=cli.steps,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not on_gpu,
+            seed=SEED,
+            **extra,
+        )
+
+    training = []
+    for name in TRAINERS:  # each on a freshly loaded model, same data and arguments
+        training.append(
+            train_one(name, load(), tokenizer, dataset, args_for, lora(), cli.sequence_length, cli.batch_size)
+        )
+        free_memory()
+    rewrite, sdft = measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir)
+    training.append(sdft)
+
+    device = device_name()
+    peak_flops, bandwidth = next((v for k, v in GPU_PEAKS.items() if k in device), (None, None))
+    tokens_per_step = cli.batch_size * cli.sequence_length
+    parameters = sum(p.numel() for p in state_dict.values())
+    for result in training:
+        flops = 6 * parameters * result.tokens_per_s
+        result.extra["model_TFLOP/s"] = round(flops / 1e12, 1)
+        if peak_flops:
+            result.extra["of_bf16_peak"] = f"{flops / peak_flops:.0%}"
+    if bandwidth:
+        floor = rewrite["batch_size"] * bandwidth / rewrite["weight_bytes"]
+        rewrite["decode_floor_tokens_per_s"] = round(floor)
+        rewrite["of_decode_floor"] = round(rewrite["batched_tokens_per_s"] / floor, 4)
+
+    print(
+        f"\n{cli.preset} QLoRA on {device}, {datetime.date.today()}: batch {cli.batch_size} x {cli.sequence_length} = "
+        f"{tokens_per_step} tokens/step, median of {training[0].steps_timed} steps after 2 warm-up steps"
+    )
+    print_table(training)
+    print(
+        f"\nSDFT rewrite, {rewrite['rows']} rows x {rewrite['new_tokens']} new tokens: "
+        f"{rewrite['batched_tokens_per_s']:,.1f} tokens/s at batch {rewrite['batch_size']} vs "
+        f"{rewrite['one_row_tokens_per_s']:,.1f} tokens/s for a one-row loop"
+        + (f"; {rewrite['of_decode_floor']:.1%} of the decode floor" if bandwidth else "")
+    )
+    sft, dynsdpb = training[0], training[1]
+    ratios = {"DynSDPBTrainer": ratios_to(sft, dynsdpb), "SDFTTrainer": ratios_to(sft, sdft)}
+    ratios["rewrite_vs_one_row_loop"] = rewrite["batched_tokens_per_s"] / rewrite["one_row_tokens_per_s"]
+    write_json(
+        cli.out,
+        {
+            "device": device,
+            "date": str(datetime.date.today()),
+            "preset": cli.preset,
+            "arguments": vars(cli),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "training": training,
+            "rewrite": rewrite,
+            "ratios_to_sft": ratios,
+        },
+    )
+    print(
+        "ratios to SFTTrainer | "
+        + format_ratios("DynSDPB", ratios["DynSDPBTrainer"])
+        + " | "
+        + format_ratios("SDFT", ratios["SDFTTrainer"])
+        + f" | SDFT rewrite {ratios['rewrite_vs_one_row_loop']:.1f}x the one-row loop"
+    )
+
+
+def measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir):
+    """The rewrite's throughput (batched as SDFTTrainer does, then one row at a time), then SDFT's training steps."""
+    rows = dataset.select(range(cli.rewrite_rows))
+    decoding = {"max_new_tokens": cli.rewrite_tokens, "min_new_tokens": cli.rewrite_tokens}
+    batch_size = SDFTConfig.__dataclass_fields__["distill_batch_size"].default
+    model = load()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    started = time.perf_counter()
+    distill_dataset(
+        model, tokenizer, rows, template="general", generation_kwargs=decoding, batch_size=batch_size,
+        seed=SEED, cache_dir=workdir / "cache", show_progress=False,
+    )  # fmt: skip
+    batched_seconds = time.perf_counter() - started
+
+    template = resolve_template("general", None)
+    prompts = [render_prompt(template, t.instruction, t.reference, tokenizer, "chat") for t in collect_targets(rows)]
+    engine, full_decoding = TransformersEngine(model, tokenizer), resolve_generation_kwargs(decoding)
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.generate([prompt], full_decoding, seed=i)
+    one_row_seconds = time.perf_counter() - started
+
+    new_tokens = cli.rewrite_rows * cli.rewrite_tokens
+    rewrite = {
+        "rows": cli.rewrite_rows,
+        "new_tokens": cli.rewrite_tokens,
+        "batch_size": batch_size,
+        "batched_tokens_per_s": new_tokens / batched_seconds,
+        "one_row_tokens_per_s": new_tokens / one_row_seconds,
+        "weight_bytes": weight_bytes,
+    }
+
+    # The trainer finds every rewrite in the cache (same model, prompts, decoding and seed): only training is timed.
+    args = args_for(
+        SDFTConfig, "SDFTTrainer", distill_template="general", distill_generation_kwargs=decoding,
+        distill_batch_size=batch_size, distill_cache_dir=str(workdir / "cache"), distill_checker=reject_every_rewrite,
+    )  # fmt: skip
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora())
+    assert trainer.distillation_report["from_cache"] == cli.rewrite_rows, trainer.distillation_report
+    check_row_lengths(trainer.train_dataset, cli.sequence_length)
+    result = measure_training("SDFTTrainer", trainer, cli.batch_size * cli.sequence_length)
+    del trainer, model
+    free_memory()
+    return rewrite, result
+
+
+if __name__ == "__main__":
+    main()
