@@ -32,16 +32,15 @@ from harness import (
     device_name,
     format_ratios,
     load_model,
+    model_and_tokenizer_configs,
     print_table,
     prompt_completion_rows,
     random_state_dict,
     ratios_to,
     train_one,
-    word_tokenizer,
     write_json,
 )
 from peft import LoraConfig
-from transformers import LlamaConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,19 +62,13 @@ def parse_args() -> argparse.Namespace:
 def run_one(cli: argparse.Namespace) -> TrainingResult:
     dtype = torch.bfloat16 if cli.bf16 else torch.float32
     heads = max(1, cli.hidden_size // 64)
-    config = LlamaConfig(
+    config, tokenizer = model_and_tokenizer_configs(
+        cli.vocab_size,
         hidden_size=cli.hidden_size,
         intermediate_size=cli.hidden_size * 8 // 3 // 32 * 32,
         num_hidden_layers=cli.layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        vocab_size=cli.vocab_size,
-    )
-    tokenizer = word_tokenizer(cli.vocab_size)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tokenizer.pad_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
     )
     completion_tokens = cli.sequence_length - cli.prompt_tokens - 1  # SFT appends the EOS token
     dataset = prompt_completion_rows(8 * cli.batch_size, cli.prompt_tokens, completion_tokens, cli.vocab_size)

@@ -31,23 +31,22 @@ from pathlib import Path
 
 import torch
 from harness import (
-    TRAINERS,
     check_row_lengths,
     device_name,
     format_ratios,
     free_memory,
     load_model,
     measure_training,
+    model_and_tokenizer_configs,
     print_table,
     prompt_completion_rows,
     random_state_dict,
     ratios_to,
     train_one,
-    word_tokenizer,
     write_json,
 )
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig, LlamaConfig
+from transformers import BitsAndBytesConfig
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
 from trl_selfdistill.generation import TransformersEngine
@@ -75,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=96, help="training rows of SFT and DynSDPB")
     parser.add_argument("--rewrite-rows", type=int, default=16, help="rows SDFT rewrites and trains on")
     parser.add_argument("--rewrite-tokens", type=int, default=32, help="new tokens per rewritten row")
+    parser.add_argument(
+        "--loss-chunk-sizes", type=int, nargs="+", default=[0], help="DynSDPB `loss_chunk_size`s to run (0: default)"
+    )
     parser.add_argument("--out", default="benchmarks/results/gpu_qlora.json")
     return parser.parse_args()
 
@@ -87,12 +89,8 @@ def reject_every_rewrite(rewrite: str, reference: str, row: dict) -> bool:
 def main() -> None:
     cli = parse_args()
     on_gpu = torch.cuda.is_available()
-    config = LlamaConfig(**PRESETS[cli.preset], vocab_size=cli.vocab_size, max_position_embeddings=4096)
-    tokenizer = word_tokenizer(cli.vocab_size)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tokenizer.pad_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
+    config, tokenizer = model_and_tokenizer_configs(
+        cli.vocab_size, max_position_embeddings=4096, **PRESETS[cli.preset]
     )
     completion_tokens = cli.sequence_length - cli.prompt_tokens - 1  # SFT appends the EOS token
     dataset = prompt_completion_rows(cli.rows, cli.prompt_tokens, completion_tokens, cli.vocab_size)
@@ -132,10 +130,23 @@ def main() -> None:
             **extra,
         )
 
+    runs = [("SFTTrainer", None)] + [("DynSDPBTrainer", size or None) for size in cli.loss_chunk_sizes]
     training = []
-    for name in TRAINERS:  # each on a freshly loaded model, same data and arguments
+    for name, chunk_size in runs:  # each on a freshly loaded model, same data and arguments
+        label = f"{name} (loss chunk {chunk_size})" if chunk_size else name
+        extra = {"loss_chunk_size": chunk_size} if name == "DynSDPBTrainer" else {}
         training.append(
-            train_one(name, load(), tokenizer, dataset, args_for, lora(), cli.sequence_length, cli.batch_size)
+            train_one(
+                name,
+                load(),
+                tokenizer,
+                dataset,
+                lambda cls, n, extra=extra: args_for(cls, n, **extra),
+                lora(),
+                cli.sequence_length,
+                cli.batch_size,
+                label,
+            )  # fmt: skip
         )
         free_memory()
     rewrite, sdft = measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir)
@@ -166,8 +177,8 @@ def main() -> None:
         f"{rewrite['one_row_tokens_per_s']:,.1f} tokens/s for a one-row loop"
         + (f"; {rewrite['of_decode_floor']:.1%} of the decode floor" if bandwidth else "")
     )
-    sft, dynsdpb = training[0], training[1]
-    ratios = {"DynSDPBTrainer": ratios_to(sft, dynsdpb), "SDFTTrainer": ratios_to(sft, sdft)}
+    sft = training[0]
+    ratios = {result.trainer: ratios_to(sft, result) for result in training[1:]}
     ratios["rewrite_vs_one_row_loop"] = rewrite["batched_tokens_per_s"] / rewrite["one_row_tokens_per_s"]
     write_json(
         cli.out,
@@ -182,11 +193,10 @@ def main() -> None:
             "ratios_to_sft": ratios,
         },
     )
+    trainer_ratios = [format_ratios(r.trainer.replace("Trainer", ""), ratios[r.trainer]) for r in training[1:]]
     print(
         "ratios to SFTTrainer | "
-        + format_ratios("DynSDPB", ratios["DynSDPBTrainer"])
-        + " | "
-        + format_ratios("SDFT", ratios["SDFTTrainer"])
+        + " | ".join(trainer_ratios)
         + f" | SDFT rewrite {ratios['rewrite_vs_one_row_loop']:.1f}x the one-row loop"
     )
 

@@ -45,6 +45,19 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def model_and_tokenizer_configs(vocab_size: int, **shape) -> tuple[LlamaConfig, PreTrainedTokenizerFast]:
+    """A Llama configuration of the given shape and the word tokenizer of its vocabulary, special tokens shared."""
+    tokenizer = word_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **shape,
+    )
+    return config, tokenizer
+
+
 def prompt_completion_rows(num_rows: int, prompt_words: int, completion_words: int, vocab_size: int, seed: int = 0):
     """Rows of random words; with the EOS token SFT appends, each is `prompt_words + completion_words + 1` tokens."""
     rng = random.Random(seed)
@@ -214,7 +227,9 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 TRAINERS = ("SFTTrainer", "DynSDPBTrainer")
 
 
-def train_one(name, model, tokenizer, dataset, args_for, peft_config, sequence_length, batch_size) -> TrainingResult:
+def train_one(
+    name, model, tokenizer, dataset, args_for, peft_config, sequence_length, batch_size, label=None
+) -> TrainingResult:
     """Trains `SFTTrainer` or `DynSDPBTrainer` (`name`) on `model` and measures it; every row is `sequence_length`."""
     from trl import SFTConfig, SFTTrainer
 
@@ -230,7 +245,7 @@ def train_one(name, model, tokenizer, dataset, args_for, peft_config, sequence_l
         peft_config=peft_config,
     )
     check_row_lengths(trainer.train_dataset, sequence_length)
-    result = measure_training(name, trainer, batch_size * sequence_length)
+    result = measure_training(label or name, trainer, batch_size * sequence_length)
     if isinstance(trainer, DynSDPBTrainer):
         result.extra["teacher_cache_MB"] = round(trainer.teacher_cache.nbytes / 1e6, 1)
     return result

@@ -7,26 +7,10 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from recipes import RECIPES, changed, snapshot
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from tiny_models import addition_rows
 
 from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer, SDFTConfig, SDFTTrainer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def rows(n: int = 16) -> Dataset:
-    return Dataset.from_list(
-        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
-    )
 
 
 def common_args(tmp_path) -> dict:
@@ -58,9 +42,9 @@ def train_and_check(trainer, recipe) -> list[dict]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
-def test_dynsdpb_trains_in_every_precision(tmp_path, model_dir, recipe):
+def test_dynsdpb_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
     args = DynSDPBConfig(**common_args(tmp_path), **recipe.args())
-    trainer = DynSDPBTrainer(model=model_dir, args=args, train_dataset=rows(), **recipe.model_kwargs())
+    trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(), **recipe.model_kwargs())
     logs = train_and_check(trainer, recipe)
     assert all(entry["distill/loss"] > 0 for entry in logs[1:])  # distillation from step 2 on
     # LoRA freezes the output layer, so the teacher is cached as hidden states; a trained output layer needs logits.
@@ -70,7 +54,7 @@ def test_dynsdpb_trains_in_every_precision(tmp_path, model_dir, recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
-def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, model_dir, recipe):
+def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
     args = SDFTConfig(
         **common_args(tmp_path),
         **recipe.args(),
@@ -78,16 +62,16 @@ def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, model_dir, recipe
         distill_generation_kwargs={"max_new_tokens": 8},
         distill_batch_size=4,
     )
-    trainer = SDFTTrainer(model=model_dir, args=args, train_dataset=rows(8), **recipe.model_kwargs())
+    trainer = SDFTTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(8), **recipe.model_kwargs())
     assert trainer.distillation_report["generated"] == 8
     train_and_check(trainer, recipe)
 
 
-def test_bf16_weights_stay_bf16(tmp_path, model_dir):
+def test_bf16_weights_stay_bf16(tmp_path, tiny_model_dir):
     """The crash this file guards against: bf16 weights under `bf16=True` (the headline QLoRA setup)."""
     recipe = RECIPES["qlora-nf4-bf16"]
     args = DynSDPBConfig(**common_args(tmp_path), **recipe.args())
-    trainer = DynSDPBTrainer(model=model_dir, args=args, train_dataset=rows(), **recipe.model_kwargs())
+    trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(), **recipe.model_kwargs())
     head = trainer.model.get_base_model().get_output_embeddings()
     assert head.weight.dtype == torch.bfloat16 and trainer.model.get_base_model().is_loaded_in_4bit
     assert trainer.accelerator.mixed_precision == "bf16"

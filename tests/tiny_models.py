@@ -70,3 +70,12 @@ def build_tiny_llama(tokenizer, seed: int = 0):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def addition_rows(n: int = 16):
+    """`n` prompt-completion rows of small additions, a dataset the tiny models can fit."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
+    )

@@ -7,30 +7,14 @@ import importlib.util
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
 from transformers.testing_utils import CaptureLogger
 
 from trl_selfdistill import BUNDLED_MODEL_NAME, DynSDPBConfig, DynSDPBTrainer, SDFTConfig, SDFTTrainer
 from trl_selfdistill.dynsdpb import teacher_cache
 from trl_selfdistill.dynsdpb.teacher_cache import TeacherCache
 from trl_selfdistill.utils import check_trainable_dtypes, default_output_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def rows(n: int = 16) -> Dataset:
-    return Dataset.from_list(
-        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
-    )
 
 
 def config(tmp_path, **overrides) -> DynSDPBConfig:
@@ -61,7 +45,7 @@ def losses(trainer) -> list[float]:
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_gradient_checkpointing_reentrant_or_not_gives_the_same_training(tmp_path, model_dir, peft):
+def test_gradient_checkpointing_reentrant_or_not_gives_the_same_training(tmp_path, tiny_model_dir, peft):
     runs = {}
     for name, checkpointing in [("off", None), ("reentrant", True), ("non-reentrant", False)]:
         args = config(
@@ -70,7 +54,7 @@ def test_gradient_checkpointing_reentrant_or_not_gives_the_same_training(tmp_pat
             gradient_checkpointing_kwargs=None if checkpointing is None else {"use_reentrant": checkpointing},
         )
         trainer = DynSDPBTrainer(
-            model=model_dir, args=args, train_dataset=rows(), peft_config=lora() if peft else None
+            model=tiny_model_dir, args=args, train_dataset=addition_rows(), peft_config=lora() if peft else None
         )
         trainer.train()
         runs[name] = losses(trainer)
@@ -80,22 +64,22 @@ def test_gradient_checkpointing_reentrant_or_not_gives_the_same_training(tmp_pat
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_like_eager(tmp_path, model_dir):
-    eager = DynSDPBTrainer(model=model_dir, args=config(tmp_path / "eager"), train_dataset=rows())
+def test_torch_compile_trains_like_eager(tmp_path, tiny_model_dir):
+    eager = DynSDPBTrainer(model=tiny_model_dir, args=config(tmp_path / "eager"), train_dataset=addition_rows())
     eager.train()
     compiled = DynSDPBTrainer(
-        model=model_dir, args=config(tmp_path / "compiled", torch_compile=True), train_dataset=rows()
+        model=tiny_model_dir, args=config(tmp_path / "compiled", torch_compile=True), train_dataset=addition_rows()
     )
     compiled.train()
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
     assert losses(compiled)[-1] > 0
 
 
-def test_device_map_auto_trains(tmp_path, model_dir):
+def test_device_map_auto_trains(tmp_path, tiny_model_dir):
     trainer = DynSDPBTrainer(
-        model=model_dir,
+        model=tiny_model_dir,
         args=config(tmp_path, model_init_kwargs={"device_map": "auto"}),
-        train_dataset=rows(),
+        train_dataset=addition_rows(),
         peft_config=lora(),
     )
     trainer.train()
@@ -106,58 +90,61 @@ def test_device_map_auto_trains(tmp_path, model_dir):
 def test_liger_kernel_without_liger_is_refused_at_construction(tmp_path):
     never_loaded = str(tmp_path / "never-loaded")  # refused before loading anything, let alone rewriting
     with pytest.raises(ImportError, match="pip install liger-kernel"):
-        DynSDPBTrainer(model=never_loaded, args=config(tmp_path, use_liger_kernel=True), train_dataset=rows())
+        DynSDPBTrainer(model=never_loaded, args=config(tmp_path, use_liger_kernel=True), train_dataset=addition_rows())
     sdft_args = SDFTConfig(output_dir=str(tmp_path / "sdft"), use_liger_kernel=True, use_cpu=True, bf16=False)
     with pytest.raises(ImportError, match="pip install liger-kernel"):
-        SDFTTrainer(model=never_loaded, args=sdft_args, train_dataset=rows())
+        SDFTTrainer(model=never_loaded, args=sdft_args, train_dataset=addition_rows())
 
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
     reason="Liger's kernels are Triton GPU kernels",
 )
-def test_liger_kernels_train_like_the_plain_model(tmp_path, model_dir):
+def test_liger_kernels_train_like_the_plain_model(tmp_path, tiny_model_dir):
     """TRL applies Liger's layer kernels only (RMSNorm, RoPE, SwiGLU); DynSDPB's loss stays its own."""
     runs = {}
     for use_liger in (False, True):
         args = config(tmp_path / str(use_liger), bf16=True, use_liger_kernel=use_liger)
-        trainer = DynSDPBTrainer(model=model_dir, args=args, train_dataset=rows(), peft_config=lora())
+        trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(), peft_config=lora())
         trainer.train()
         runs[use_liger] = losses(trainer)
     assert runs[True] == pytest.approx(runs[False], rel=2e-2, abs=1e-4) and runs[True][-1] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision has a gradient scaler on GPUs only")
-def test_fp16_trainable_weights_are_refused_at_construction_on_a_gpu(tmp_path, model_dir):
+def test_fp16_trainable_weights_are_refused_at_construction_on_a_gpu(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="float16 gradients"):
         DynSDPBTrainer(
-            model=model_dir,
+            model=tiny_model_dir,
             args=config(tmp_path, fp16=True, model_init_kwargs={"dtype": "float16"}),
-            train_dataset=rows(),
+            train_dataset=addition_rows(),
         )
 
 
-def test_an_offloaded_output_layer_is_refused_at_construction(tmp_path, model_dir):
+def test_an_offloaded_output_layer_is_refused_at_construction(tmp_path, tiny_model_dir):
     device_map = {"model": "cpu", "lm_head": "disk"}
     with pytest.raises(ValueError, match="offloaded"):
         DynSDPBTrainer(
-            model=model_dir,
+            model=tiny_model_dir,
             args=config(tmp_path, model_init_kwargs={"device_map": device_map, "offload_folder": str(tmp_path)}),
-            train_dataset=rows(),
+            train_dataset=addition_rows(),
             peft_config=lora(),
         )
 
 
-def test_lora_on_the_output_layer_is_refused_and_modules_to_save_trains_it(tmp_path, model_dir):
+def test_lora_on_the_output_layer_is_refused_and_modules_to_save_trains_it(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="lm_head"):  # TRL refuses it first, with the fix
         DynSDPBTrainer(
-            model=model_dir,
+            model=tiny_model_dir,
             args=config(tmp_path),
-            train_dataset=rows(),
+            train_dataset=addition_rows(),
             peft_config=lora(target_modules=["q_proj", "lm_head"]),
         )
     trainer = DynSDPBTrainer(
-        model=model_dir, args=config(tmp_path), train_dataset=rows(), peft_config=lora(modules_to_save=["lm_head"])
+        model=tiny_model_dir,
+        args=config(tmp_path),
+        train_dataset=addition_rows(),
+        peft_config=lora(modules_to_save=["lm_head"]),
     )
     assert not trainer.teacher_cache.holds_hidden_states  # a trained output layer: the teacher is cached as logits
     head = trainer.model.get_base_model().get_output_embeddings()
@@ -166,19 +153,19 @@ def test_lora_on_the_output_layer_is_refused_and_modules_to_save_trains_it(tmp_p
     assert not torch.equal(before, head.weight) and losses(trainer)[-1] > 0
 
 
-def test_the_teacher_cache_is_restored_on_the_output_layer_device_in_the_configured_dtype(tmp_path, model_dir):
+def test_the_teacher_cache_is_restored_on_the_output_layer_device_in_the_configured_dtype(tmp_path, tiny_model_dir):
     first = DynSDPBTrainer(
-        model=model_dir,
+        model=tiny_model_dir,
         args=config(tmp_path / "a", teacher_cache_dtype="float32", save_strategy="steps", save_steps=2),
-        train_dataset=rows(),
+        train_dataset=addition_rows(),
         peft_config=lora(),
     )
     first.train()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     resumed = DynSDPBTrainer(
-        model=model_dir,
+        model=tiny_model_dir,
         args=config(tmp_path / "b", teacher_cache_dtype="bfloat16"),
-        train_dataset=rows(),
+        train_dataset=addition_rows(),
         peft_config=lora(),
     )
     resumed._load_from_checkpoint(str(checkpoint))
@@ -200,7 +187,7 @@ def test_a_cache_of_the_other_kind_is_dropped_with_a_warning():
     assert hidden_cache.current == {} and hidden_cache.step == 0
 
 
-def test_fp16_trainable_weights_with_the_gradient_scaler_are_refused(model_dir):
+def test_fp16_trainable_weights_with_the_gradient_scaler_are_refused(tiny_model_dir):
     model = build_tiny_llama(build_tiny_tokenizer()).half()
     with pytest.raises(ValueError, match="float16 gradients"):
         check_trainable_dtypes(model, uses_grad_scaler=True)

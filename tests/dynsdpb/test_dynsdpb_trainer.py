@@ -6,20 +6,14 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from peft import LoraConfig
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
 from transformers import BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import BUNDLED_MODEL_NAME, DynSDPBConfig, DynSDPBTrainer
 from trl_selfdistill.dynsdpb.sampler import OverlappingBatchSampler, reuse_count_for
-
-
-def rows(n: int = 16) -> Dataset:
-    return Dataset.from_list(
-        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(n)]
-    )
 
 
 def training_kwargs(tmp_path, **overrides) -> dict:
@@ -46,7 +40,7 @@ def config(tmp_path, **overrides) -> DynSDPBConfig:
 def make_trainer(tmp_path, tokenizer=None, **overrides) -> DynSDPBTrainer:
     tokenizer = tokenizer or build_tiny_tokenizer()
     return DynSDPBTrainer(
-        model=build_tiny_llama(tokenizer), args=config(tmp_path, **overrides), train_dataset=rows(),
+        model=build_tiny_llama(tokenizer), args=config(tmp_path, **overrides), train_dataset=addition_rows(),
         processing_class=tokenizer,
     )  # fmt: skip
 
@@ -104,7 +98,7 @@ def test_alpha_zero_reproduces_sft_on_the_same_batches(tmp_path, accumulation):
 
     sft_args = SFTConfig(**training_kwargs(tmp_path / "s", **common))
     sft = SFTOnSameBatches(
-        model=build_tiny_llama(tokenizer), args=sft_args, train_dataset=rows(), processing_class=tokenizer
+        model=build_tiny_llama(tokenizer), args=sft_args, train_dataset=addition_rows(), processing_class=tokenizer
     )
     sft.train()
     assert losses(dynsdpb) == pytest.approx(losses(sft), rel=1e-4)
@@ -138,7 +132,7 @@ def test_qlora_path_trains_the_adapter_only(tmp_path):
     trainer = DynSDPBTrainer(
         model=str(tmp_path / "model"),
         args=config(tmp_path, max_steps=3),
-        train_dataset=rows(),
+        train_dataset=addition_rows(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32),
@@ -176,16 +170,16 @@ def test_bad_configurations_fail_at_construction(tmp_path, overrides, dataset, e
         DynSDPBTrainer(
             model=str(tmp_path / "never-loaded"),  # refused before any loading
             args=config(tmp_path, **overrides),
-            train_dataset=rows() if dataset is None else dataset,
+            train_dataset=addition_rows() if dataset is None else dataset,
             processing_class=tokenizer,
         )
 
 
 def test_evaluation_uses_the_plain_sft_loss_and_leaves_the_cache_alone(tmp_path):
     tokenizer = build_tiny_tokenizer()
-    eval_rows = rows(6)
+    eval_rows = addition_rows(6)
     trainer = DynSDPBTrainer(
-        model=build_tiny_llama(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows(),
+        model=build_tiny_llama(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=addition_rows(),
         eval_dataset=eval_rows, processing_class=tokenizer,
     )  # fmt: skip
     trainer.train()
@@ -195,7 +189,7 @@ def test_evaluation_uses_the_plain_sft_loss_and_leaves_the_cache_alone(tmp_path)
     assert all(torch.equal(trainer.teacher_cache.current[i].states, cached[i]) for i in cached)
 
     sft = SFTTrainer(
-        model=trainer.model, args=SFTConfig(**training_kwargs(tmp_path / "sft")), train_dataset=rows(),
+        model=trainer.model, args=SFTConfig(**training_kwargs(tmp_path / "sft")), train_dataset=addition_rows(),
         processing_class=tokenizer,
     )  # fmt: skip
     assert eval_loss == pytest.approx(sft.evaluate(eval_rows)["eval_loss"], rel=1e-5)
@@ -215,7 +209,9 @@ def test_a_resumed_dataloader_still_follows_the_epoch(tmp_path):
 
 
 def test_the_bundled_model_name_is_accepted(tmp_path, bundled_model_dir):
-    trainer = DynSDPBTrainer(model=BUNDLED_MODEL_NAME, args=config(tmp_path, max_steps=1), train_dataset=rows())
+    trainer = DynSDPBTrainer(
+        model=BUNDLED_MODEL_NAME, args=config(tmp_path, max_steps=1), train_dataset=addition_rows()
+    )
     assert trainer.model.config._name_or_path == bundled_model_dir
     trainer.train()
     assert trainer.state.global_step == 1

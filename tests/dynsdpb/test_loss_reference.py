@@ -14,9 +14,8 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from recipes import RECIPES
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
@@ -25,16 +24,10 @@ from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
 CASES = [
     ("fp32-full", "dynamic", 1e-5),
     ("fp32-full", "constant", 1e-5),
-    ("bf16-full", "dynamic", 1e-2),
-    ("bf16-lora", "dynamic", 1e-2),
-    ("qlora-nf4-bf16", "constant", 1e-2),
+    ("bf16-full", "dynamic", 2e-2),
+    ("bf16-lora", "dynamic", 2e-2),
+    ("qlora-nf4-bf16", "constant", 2e-2),
 ]
-
-
-def rows() -> Dataset:
-    return Dataset.from_list(
-        [{"prompt": f"Add {i} and {i + 1}.", "completion": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(16)]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,9 @@ def model_dir(tmp_path_factory) -> str:
         output_dir=str(path / "sft"), learning_rate=1e-2, max_steps=40, per_device_train_batch_size=8, bf16=False,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
-    sft = SFTTrainer(model=build_tiny_llama(tokenizer), args=args, train_dataset=rows(), processing_class=tokenizer)
+    sft = SFTTrainer(
+        model=build_tiny_llama(tokenizer), args=args, train_dataset=addition_rows(), processing_class=tokenizer
+    )
     sft.train()
     sft.model.save_pretrained(path / "model")
     tokenizer.save_pretrained(path / "model")
@@ -65,7 +60,7 @@ def make_trainer(tmp_path, model_dir: str, recipe_name: str, mode: str) -> DynSD
         use_cpu=not torch.cuda.is_available(),
         **recipe.args(),
     )
-    return DynSDPBTrainer(model=model_dir, args=args, train_dataset=rows(), **recipe.model_kwargs())
+    return DynSDPBTrainer(model=model_dir, args=args, train_dataset=addition_rows(), **recipe.model_kwargs())
 
 
 def full_logits(model, batch) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end (tiny sizes, on this machine) and end with their ratios line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_qlora_benchmark_runs_its_tiny_preset(tmp_path):
+    out = tmp_path / "gpu_qlora.json"
+    stdout = run(
+        "gpu_qlora.py", "--preset", "tiny", "--vocab-size", "512", "--sequence-length", "64", "--prompt-tokens", "8",
+        "--rows", "32", "--rewrite-rows", "8", "--rewrite-tokens", "4", "--steps", "4", "--out", str(out),
+    )  # fmt: skip
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("ratios to SFTTrainer | DynSDPB: step") and "SDFT rewrite" in last
+    record = json.loads(out.read_text())
+    assert [r["trainer"] for r in record["training"]] == ["SFTTrainer", "DynSDPBTrainer", "SDFTTrainer"]
+    assert all(r["median_step_s"] > 0 for r in record["training"])
+    assert record["rewrite"]["batched_tokens_per_s"] > 0 and record["rewrite"]["one_row_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cpu_twin_and_loss_benchmarks_print_their_ratios(tmp_path):
+    stdout = run(
+        "dynsdpb_cost.py", "--hidden-size", "64", "--vocab-size", "512", "--sequence-length", "32",
+        "--prompt-tokens", "8", "--steps", "4", "--out", str(tmp_path / "cost.json"),
+    )  # fmt: skip
+    assert stdout.strip().splitlines()[-1].startswith("ratios to SFTTrainer | DynSDPB: step")
+    assert json.loads((tmp_path / "cost.json").read_text())["ratios_to_sft"]["DynSDPBTrainer"]["step_time"] > 0
+    stdout = run("loss_kernels.py", "--tokens", "64", "--hidden", "32", "--vocab", "128", "--repeats", "2")
+    assert stdout.strip().splitlines()[-1].startswith("ratio to TRL's SFT loss")
