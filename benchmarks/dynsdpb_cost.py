@@ -21,7 +21,6 @@ import datetime
 import json
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from harness import (
     prompt_completion_rows,
     random_state_dict,
     ratios_to,
+    scratch_dir,
     train_one,
     write_json,
 )
@@ -72,7 +72,7 @@ def run_one(cli: argparse.Namespace) -> TrainingResult:
     )
     completion_tokens = cli.sequence_length - cli.prompt_tokens - 1  # SFT appends the EOS token
     dataset = prompt_completion_rows(8 * cli.batch_size, cli.prompt_tokens, completion_tokens, cli.vocab_size)
-    workdir = tempfile.mkdtemp(prefix="dynsdpb_cost-")
+    workdir = scratch_dir("dynsdpb_cost-")
 
     def args_for(config_class, name):
         return config_class(
@@ -103,7 +103,7 @@ def main() -> None:
         return
     results = []
     for name in TRAINERS:
-        result_file = Path(tempfile.mkdtemp()) / "result.json"
+        result_file = scratch_dir("dynsdpb_cost-result-") / "result.json"
         subprocess.run([sys.executable, *sys.argv, "--trainer", name, "--result", str(result_file)], check=True)
         results.append(TrainingResult(**json.loads(result_file.read_text())))
     sft, dynsdpb = results

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from harness import (
@@ -42,6 +40,7 @@ from harness import (
     prompt_completion_rows,
     random_state_dict,
     ratios_to,
+    scratch_dir,
     train_one,
     write_json,
 )
@@ -109,7 +108,7 @@ def main() -> None:
     def lora():
         return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
 
-    workdir = Path(tempfile.mkdtemp(prefix="gpu_qlora-"))
+    workdir = scratch_dir("gpu_qlora-")
 
     def args_for(config_class, name, **extra):
         return config_class(

@@ -8,12 +8,15 @@ is the CUDA allocator's (allocated and reserved) on a GPU, the process's peak re
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +100,13 @@ def load_model(config: LlamaConfig, state_dict: dict, dtype: torch.dtype, quanti
         quantization_config=quantization_config,
         device_map={"": 0} if torch.cuda.is_available() else None,
     )
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory (trainer outputs, rewrite cache), removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def synchronize() -> None:
