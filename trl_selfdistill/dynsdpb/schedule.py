@@ -5,6 +5,9 @@ From the previous optimizer step's predictions on a re-used sample's response to
 - uncertainty     `u_i = mean_j H(p_ij) / log V`   (0 = certain, 1 = uniform)
 - discrimination  `d_i = mean_j p_ij[gold_ij]`     (how much the previous step already favoured the label)
 
+Both come from the forward pass in which the sample was new, the one that produced its teacher (its per-token entropy
+and gold log-probability cost nothing extra there), and are cached with the teacher (`sample_statistics`).
+
 `dynamic` (default) is **this project's reading** of DynSDPB (Fu et al., arXiv 2411.16991). The paper adapts the
 distillation weight and temperature to the model's prediction uncertainty and discrimination capability, but its exact
 formulas are not published in a form we could reproduce, so the rule below is ours:
