@@ -74,26 +74,25 @@ def run_one(cli: argparse.Namespace) -> TrainingResult:
     dataset = prompt_completion_rows(8 * cli.batch_size, cli.prompt_tokens, completion_tokens, cli.vocab_size)
     workdir = scratch_dir("dynsdpb_cost-")
 
-    def args_for(config_class, name):
-        return config_class(
-            output_dir=f"{workdir}/{name}",
-            per_device_train_batch_size=cli.batch_size,
-            max_steps=cli.steps,
-            learning_rate=1e-4,
-            bf16=cli.bf16,
-            gradient_checkpointing=True,
-            max_length=cli.sequence_length,
-            logging_steps=cli.steps,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-            use_cpu=True,
-            seed=0,
-        )
+    args = dict(
+        output_dir=f"{workdir}/{cli.trainer}",
+        per_device_train_batch_size=cli.batch_size,
+        max_steps=cli.steps,
+        learning_rate=1e-4,
+        bf16=cli.bf16,
+        gradient_checkpointing=True,
+        max_length=cli.sequence_length,
+        logging_steps=cli.steps,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
 
     model = load_model(config, random_state_dict(config, dtype), dtype)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    return train_one(cli.trainer, model, tokenizer, dataset, args_for, lora, cli.sequence_length, cli.batch_size)
+    return train_one(cli.trainer, model, args, tokenizer, dataset, lora, cli.sequence_length, cli.batch_size)
 
 
 def main() -> None:

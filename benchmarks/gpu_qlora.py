@@ -110,8 +110,8 @@ def main() -> None:
 
     workdir = scratch_dir("gpu_qlora-")
 
-    def args_for(config_class, name, **extra):
-        return config_class(
+    def args_for(name, **extra) -> dict:
+        return dict(
             output_dir=str(workdir / name),
             per_device_train_batch_size=cli.batch_size,
             max_steps=cli.steps,
@@ -133,19 +133,9 @@ def main() -> None:
     training = []
     for name, chunk_size in runs:  # each on a freshly loaded model, same data and arguments
         label = f"{name} (loss chunk {chunk_size})" if chunk_size else name
-        extra = {"loss_chunk_size": chunk_size} if name == "DynSDPBTrainer" else {}
+        args = args_for(name, **({"loss_chunk_size": chunk_size} if chunk_size else {}))
         training.append(
-            train_one(
-                name,
-                load(),
-                tokenizer,
-                dataset,
-                lambda cls, n, extra=extra: args_for(cls, n, **extra),
-                lora(),
-                cli.sequence_length,
-                cli.batch_size,
-                label,
-            )  # fmt: skip
+            train_one(name, load(), args, tokenizer, dataset, lora(), cli.sequence_length, cli.batch_size, label)
         )
         free_memory()
     rewrite, sdft = measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir)
@@ -234,10 +224,14 @@ def measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir):
     }
 
     # The trainer finds every rewrite in the cache (same model, prompts, decoding and seed): only training is timed.
-    args = args_for(
-        SDFTConfig, "SDFTTrainer", distill_template="general", distill_generation_kwargs=decoding,
-        distill_batch_size=batch_size, distill_cache_dir=str(workdir / "cache"), distill_checker=reject_every_rewrite,
-    )  # fmt: skip
+    args = SDFTConfig(
+        **args_for("SDFTTrainer"),
+        distill_template="general",
+        distill_generation_kwargs=decoding,
+        distill_batch_size=batch_size,
+        distill_cache_dir=str(workdir / "cache"),
+        distill_checker=reject_every_rewrite,
+    )
     trainer = SDFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora())
     assert trainer.distillation_report["from_cache"] == cli.rewrite_rows, trainer.distillation_report
     check_row_lengths(trainer.train_dataset, cli.sequence_length)

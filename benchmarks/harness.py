@@ -238,9 +238,12 @@ TRAINERS = ("SFTTrainer", "DynSDPBTrainer")
 
 
 def train_one(
-    name, model, tokenizer, dataset, args_for, peft_config, sequence_length, batch_size, label=None
+    name, model, training_args: dict, tokenizer, dataset, peft_config, sequence_length, batch_size, label=None
 ) -> TrainingResult:
-    """Trains `SFTTrainer` or `DynSDPBTrainer` (`name`) on `model` and measures it; every row is `sequence_length`."""
+    """Trains `SFTTrainer` or `DynSDPBTrainer` (`name`) on `model` and measures it; every row is `sequence_length`.
+
+    `training_args` are the keyword arguments of the trainer's configuration class.
+    """
     from trl import SFTConfig, SFTTrainer
 
     from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
@@ -249,7 +252,7 @@ def train_one(
     trainer_class, config_class = classes[name]
     trainer = trainer_class(
         model=model,
-        args=args_for(config_class, name),
+        args=config_class(**training_args),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,

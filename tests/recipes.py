@@ -74,3 +74,19 @@ def changed(before: dict[str, torch.Tensor], model) -> tuple[set[str], set[str]]
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone().float() for name, param in model.named_parameters()}
+
+
+def tiny_training_args(tmp_path, **overrides) -> dict:
+    """Training arguments of the tests' short runs; on a GPU machine they run on the GPU."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return {**defaults, **overrides}

@@ -7,25 +7,14 @@ import math
 
 import pytest
 import torch
-from recipes import RECIPES, changed, snapshot
+from recipes import RECIPES, changed, snapshot, tiny_training_args
 from tiny_models import addition_rows
 
 from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer, SDFTConfig, SDFTTrainer
 
 
-def common_args(tmp_path) -> dict:
-    return dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        use_cpu=not torch.cuda.is_available(),  # the same tests run on a GPU machine when there is one
-    )
+def training_args(tmp_path, recipe) -> dict:
+    return tiny_training_args(tmp_path, learning_rate=1e-2, max_steps=3, **recipe.args())
 
 
 def train_and_check(trainer, recipe) -> list[dict]:
@@ -43,7 +32,7 @@ def train_and_check(trainer, recipe) -> list[dict]:
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 def test_dynsdpb_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
-    args = DynSDPBConfig(**common_args(tmp_path), **recipe.args())
+    args = DynSDPBConfig(**training_args(tmp_path, recipe))
     trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(), **recipe.model_kwargs())
     logs = train_and_check(trainer, recipe)
     assert all(entry["distill/loss"] > 0 for entry in logs[1:])  # distillation from step 2 on
@@ -56,8 +45,7 @@ def test_dynsdpb_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
     args = SDFTConfig(
-        **common_args(tmp_path),
-        **recipe.args(),
+        **training_args(tmp_path, recipe),
         distill_cache_dir=str(tmp_path / "cache"),
         distill_generation_kwargs={"max_new_tokens": 8},
         distill_batch_size=4,
@@ -70,7 +58,7 @@ def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, r
 def test_bf16_weights_stay_bf16(tmp_path, tiny_model_dir):
     """The crash this file guards against: bf16 weights under `bf16=True` (the headline QLoRA setup)."""
     recipe = RECIPES["qlora-nf4-bf16"]
-    args = DynSDPBConfig(**common_args(tmp_path), **recipe.args())
+    args = DynSDPBConfig(**training_args(tmp_path, recipe))
     trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(), **recipe.model_kwargs())
     head = trainer.model.get_base_model().get_output_embeddings()
     assert head.weight.dtype == torch.bfloat16 and trainer.model.get_base_model().is_loaded_in_4bit

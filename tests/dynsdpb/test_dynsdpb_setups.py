@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 from peft import LoraConfig
+from recipes import tiny_training_args
 from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
 from transformers.testing_utils import CaptureLogger
 
@@ -18,21 +19,9 @@ from trl_selfdistill.utils import check_trainable_dtypes, default_output_dir
 
 
 def config(tmp_path, **overrides) -> DynSDPBConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=3,
-        logging_steps=1,
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),  # the same tests run on a GPU machine when there is one
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        distill_mode="constant",  # a random model's dynamic weight is about zero; these tests need the term
-    )
-    return DynSDPBConfig(**{**defaults, **overrides})
+    # A random model's dynamic weight is about zero; these tests need the distillation term: constant mode.
+    defaults = {"learning_rate": 5e-3, "max_steps": 3, "distill_mode": "constant"}
+    return DynSDPBConfig(**tiny_training_args(tmp_path, **{**defaults, **overrides}))
 
 
 def lora(**overrides) -> LoraConfig:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import IterableDataset
 from peft import LoraConfig
+from recipes import tiny_training_args
 from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
 from transformers import BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
@@ -17,20 +18,7 @@ from trl_selfdistill.dynsdpb.sampler import OverlappingBatchSampler, reuse_count
 
 
 def training_kwargs(tmp_path, **overrides) -> dict:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=4,
-        logging_steps=1,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return {**defaults, **overrides}
+    return tiny_training_args(tmp_path, **{"learning_rate": 5e-3, "max_steps": 4, **overrides})
 
 
 def config(tmp_path, **overrides) -> DynSDPBConfig:

@@ -77,7 +77,7 @@ class DynSDPBConfig(SFTConfig):
             raise ValueError(f"`teacher_cache_dtype` must be one of {CACHE_DTYPES}, got {self.teacher_cache_dtype!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be >= 1 or None, got {self.loss_chunk_size}.")
-        reuse = reuse_count_for(self.per_device_train_batch_size, self.reuse_fraction)
+        reuse = self.reuse_count  # validates the pair
         if not math.isclose(self.per_device_train_batch_size * self.reuse_fraction, reuse):
             warnings.warn(
                 f"per_device_train_batch_size={self.per_device_train_batch_size} x reuse_fraction="
@@ -86,3 +86,8 @@ class DynSDPBConfig(SFTConfig):
                 UserWarning,
                 stacklevel=3,
             )
+
+    @property
+    def reuse_count(self) -> int:
+        """Re-used samples per per-device batch, `round(per_device_train_batch_size * reuse_fraction)`."""
+        return reuse_count_for(self.per_device_train_batch_size, self.reuse_fraction)

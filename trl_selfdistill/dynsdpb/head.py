@@ -94,6 +94,7 @@ def _distillation_terms(hidden: Tensor, labels: Tensor, head: nn.Module, inputs:
     # With `device_map`, the last layer can sit on another device than the output layer.
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
     response = labels != -100
+    packed_hidden, packed_labels = hidden[response], labels[response]  # response tokens, row-major
     distilled = (response & inputs.distilled_rows[:, None])[response]
     # The loss takes the distilled tokens first; `order` puts them there and `restore` puts the outputs back.
     order = torch.argsort((~distilled).to(torch.uint8), stable=True)
@@ -105,10 +106,10 @@ def _distillation_terms(hidden: Tensor, labels: Tensor, head: nn.Module, inputs:
         compute_dtype = weight.dtype
     with torch.autocast(device_type, enabled=False):
         log_probs, distill, entropy, is_top1 = fused_distillation_loss(
-            hidden[response][order].to(compute_dtype),
+            packed_hidden[order].to(compute_dtype),
             weight.to(compute_dtype),
             None if bias is None else bias.to(compute_dtype),
-            labels[response][order],
+            packed_labels[order],
             inputs.teacher,
             inputs.teacher_is_hidden,
             inputs.kl_weight,
@@ -120,5 +121,5 @@ def _distillation_terms(hidden: Tensor, labels: Tensor, head: nn.Module, inputs:
         distill=distill,
         entropy=entropy[restore],
         is_top1=is_top1[restore],
-        returned_hidden=hidden[response & inputs.returned_rows[:, None]].detach(),
+        returned_hidden=packed_hidden[(response & inputs.returned_rows[:, None])[response]].detach(),
     )

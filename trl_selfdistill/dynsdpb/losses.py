@@ -49,8 +49,8 @@ def project_in_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk
     """The logits of `hidden` (no gradient), stored in `dtype`, projected `chunk_size` tokens at a time."""
     out = torch.empty(hidden.shape[0], weight.shape[0], dtype=dtype, device=hidden.device)
     hidden = hidden.to(weight.dtype)
-    for start in range(0, hidden.shape[0], chunk_size):
-        out[start : start + chunk_size] = project(hidden[start : start + chunk_size], weight, bias)
+    for chunk in _chunks(hidden.shape[0], chunk_size):
+        out[chunk] = project(hidden[chunk], weight, bias)
     return out
 
 

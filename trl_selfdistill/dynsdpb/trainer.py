@@ -31,7 +31,7 @@ from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_d
 from .config import DynSDPBConfig
 from .head import DistillationInputs, DistillationOutput, add_distillation_head, output_layer
 from .losses import default_chunk_size, project_in_chunks
-from .sampler import OverlappingBatchSampler, check_dataset_size, reuse_count_for
+from .sampler import OverlappingBatchSampler, check_dataset_size
 from .schedule import DISTILL_MODES, SampleStatistics, sample_statistics
 from .teacher_cache import TeacherCache
 
@@ -145,9 +145,13 @@ class DynSDPBTrainer(SFTTrainer):
                 "`label_smoothing_factor` and no `compute_loss_func`."
             )
         check_liger_kernel(args)
-        batch_size = args.per_device_train_batch_size
-        reuse = reuse_count_for(batch_size, args.reuse_fraction)
-        check_dataset_size(len(train_dataset), batch_size, reuse, args.gradient_accumulation_steps, args.world_size)
+        check_dataset_size(
+            len(train_dataset),
+            args.per_device_train_batch_size,
+            args.reuse_count,
+            args.gradient_accumulation_steps,
+            args.world_size,
+        )
 
     def _validate_model(self) -> bool:
         """Refuses models whose logits are not `output_layer(final hidden states)`; says whether that layer trains."""
@@ -188,7 +192,7 @@ class DynSDPBTrainer(SFTTrainer):
         sampler = OverlappingBatchSampler(
             num_samples=len(dataset),
             batch_size=args.per_device_train_batch_size,
-            reuse_count=reuse_count_for(args.per_device_train_batch_size, args.reuse_fraction),
+            reuse_count=args.reuse_count,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             num_processes=self.accelerator.num_processes,
             process_index=self.accelerator.process_index,
