@@ -28,6 +28,7 @@ import torch
 from harness import (
     TRAINERS,
     TrainingResult,
+    check_run_arguments,
     device_name,
     format_ratios,
     load_model,
@@ -56,7 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/dynsdpb_cost.json")
     parser.add_argument("--trainer", choices=TRAINERS, help=argparse.SUPPRESS)  # one run, in a child process
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    cli = parser.parse_args()
+    check_run_arguments(parser, cli)
+    return cli
 
 
 def run_one(cli: argparse.Namespace) -> TrainingResult:

@@ -30,6 +30,7 @@ import time
 import torch
 from harness import (
     check_row_lengths,
+    check_run_arguments,
     device_name,
     format_ratios,
     free_memory,
@@ -77,7 +78,13 @@ def parse_args() -> argparse.Namespace:
         "--loss-chunk-sizes", type=int, nargs="+", default=[0], help="DynSDPB `loss_chunk_size`s to run (0: default)"
     )
     parser.add_argument("--out", default="benchmarks/results/gpu_qlora.json")
-    return parser.parse_args()
+    cli = parser.parse_args()
+    check_run_arguments(parser, cli)
+    if cli.preset != "tiny" and not torch.cuda.is_available():
+        parser.error(f"--preset {cli.preset} needs a CUDA GPU; on a CPU use --preset tiny (or dynsdpb_cost.py).")
+    if not 1 <= cli.rewrite_rows <= cli.rows or cli.rows < 2 * cli.batch_size:
+        parser.error("Need 1 <= --rewrite-rows <= --rows and --rows of at least twice --batch-size.")
+    return cli
 
 
 def reject_every_rewrite(rewrite: str, reference: str, row: dict) -> bool:

@@ -25,6 +25,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
+TRAINERS = ("SFTTrainer", "DynSDPBTrainer")
+WARMUP_STEPS = 2  # not timed: allocator, kernel selection, and DynSDPB's first step has no teacher yet
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -168,8 +170,8 @@ class TrainingResult:
     extra: dict = field(default_factory=dict)
 
 
-def measure_training(name: str, trainer, tokens_per_step: int, warmup_steps: int = 2) -> TrainingResult:
-    """Trains `trainer`; summarises its steps after the first `warmup_steps` (allocator, kernels, no teacher yet)."""
+def measure_training(name: str, trainer, tokens_per_step: int, warmup_steps: int = WARMUP_STEPS) -> TrainingResult:
+    """Trains `trainer` and summarises its steps after the first `warmup_steps`."""
     measurement = Measurement()
     trainer.add_callback(measurement)
     trainer.train()
@@ -234,7 +236,17 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     print(f"wrote {path}")
 
 
-TRAINERS = ("SFTTrainer", "DynSDPBTrainer")
+def check_run_arguments(parser, cli) -> None:
+    """Sizes that cannot make the benchmark's batches, refused before anything is built (`parser.error` exits)."""
+    if cli.prompt_tokens < 1 or cli.sequence_length < cli.prompt_tokens + 2:
+        parser.error(
+            f"--sequence-length {cli.sequence_length} must leave room for --prompt-tokens {cli.prompt_tokens}, at "
+            "least one completion token and the EOS token: raise --sequence-length or lower --prompt-tokens."
+        )
+    if cli.batch_size < 2:
+        parser.error("--batch-size must be at least 2: DynSDPB re-uses half of each batch.")
+    if cli.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps that are not timed.")
 
 
 def train_one(

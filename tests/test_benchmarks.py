@@ -50,3 +50,13 @@ def test_cpu_twin_and_loss_benchmarks_print_their_ratios(tmp_path):
     assert json.loads((tmp_path / "cost.json").read_text())["ratios_to_sft"]["DynSDPBTrainer"]["step_time"] > 0
     stdout = run("loss_kernels.py", "--tokens", "64", "--hidden", "32", "--vocab", "128", "--repeats", "2")
     assert stdout.strip().splitlines()[-1].startswith("ratio to TRL's SFT loss")
+
+
+def test_sizes_that_cannot_make_a_batch_are_refused_before_anything_is_built():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "dynsdpb_cost.py"), "--sequence-length", "16", "--prompt-tokens", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "raise --sequence-length or lower --prompt-tokens" in result.stderr

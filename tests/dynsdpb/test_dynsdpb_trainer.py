@@ -144,6 +144,7 @@ def test_qlora_path_trains_the_adapter_only(tmp_path):
         ({"loss_type": "dft"}, None, ValueError, "nll"),
         ({"distill_mode": "adaptive"}, None, ValueError, "distill_mode"),
         ({"distill_temperature": 0.0}, None, ValueError, "temperature"),
+        ({"loss_chunk_size": 0}, None, ValueError, "loss_chunk_size"),
         (
             {},
             IterableDataset.from_generator(lambda: iter([{"prompt": "a", "completion": "b"}])),
@@ -203,3 +204,16 @@ def test_the_bundled_model_name_is_accepted(tmp_path, bundled_model_dir):
     assert trainer.model.config._name_or_path == bundled_model_dir
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_a_broken_weighting_rule_is_refused_at_construction(tmp_path):
+    class OneWeightForAll(DynSDPBTrainer):
+        def distillation_weights(self, stats):
+            return torch.tensor(0.5), torch.tensor(3.0)  # not one per sample
+
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="one weight and one positive temperature per re-used sample"):
+        OneWeightForAll(
+            model=build_tiny_llama(tokenizer), args=config(tmp_path), train_dataset=addition_rows(),
+            processing_class=tokenizer,
+        )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Acceptance rules of SDFT (docs/METHODS.md section 1)."""
+"""Acceptance rules of SDFT (Yang et al., ACL 2024; the rules of its official code, as the README describes them)."""
 
 from __future__ import annotations
 

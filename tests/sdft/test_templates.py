@@ -1,4 +1,4 @@
-"""Distillation prompts of SDFT (docs/METHODS.md section 1)."""
+"""Distillation prompts of SDFT (Yang et al., ACL 2024; the official prompts, as the README describes them)."""
 
 from __future__ import annotations
 

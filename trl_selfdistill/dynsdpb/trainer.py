@@ -119,6 +119,8 @@ class DynSDPBTrainer(SFTTrainer):
         add_distillation_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         # A frozen output layer turns the same hidden states into the same logits one step later: cache the former.
         self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype), not output_layer_is_trained)
+        # An overridden weighting rule is tried now, on two made-up samples, rather than at the second step.
+        self._checked_weights(SampleStatistics(torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.1])))
 
     @staticmethod
     def _validate_before_loading(args: DynSDPBConfig, train_dataset, kwargs: dict) -> None:
@@ -223,6 +225,19 @@ class DynSDPBTrainer(SFTTrainer):
         rule = DISTILL_MODES[self.args.distill_mode]
         return rule(stats, self.args.distill_alpha, self.args.distill_temperature)
 
+    def _checked_weights(self, stats: SampleStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+        """`distillation_weights(stats)`, refused unless it gives one `alpha_i` and one `T_i > 0` per sample."""
+        alphas, temperatures = (torch.as_tensor(w) for w in self.distillation_weights(stats))
+        expected = tuple(stats.uncertainty.shape)
+        if tuple(alphas.shape) != expected or tuple(temperatures.shape) != expected or (temperatures <= 0).any():
+            raise ValueError(
+                f"`{type(self).__name__}.distillation_weights` must return one weight and one positive temperature "
+                f"per re-used sample, as two tensors of shape {expected}; got shapes {tuple(alphas.shape)} and "
+                f"{tuple(temperatures.shape)}. Compute them per sample from `stats.uncertainty` and "
+                "`stats.discrimination`."
+            )
+        return alphas, temperatures
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         indices, reused = inputs.pop(_INDEX, None), inputs.pop(_REUSED, None)
         if not self.model.training or indices is None:
@@ -261,7 +276,7 @@ class DynSDPBTrainer(SFTTrainer):
         device, width = head.weight.device, head.weight.shape[1 if self.teacher_cache.holds_hidden_states else 0]
         statistics = torch.stack([t.statistics for t in teachers.values()]) if teachers else torch.zeros(0, 2)
         statistics = statistics.to(device)
-        alphas, temperatures = self.distillation_weights(SampleStatistics(statistics[:, 0], statistics[:, 1]))
+        alphas, temperatures = self._checked_weights(SampleStatistics(statistics[:, 0], statistics[:, 1]))
         token_counts = torch.tensor([rows.counts[row] for row in teachers], dtype=torch.long, device=device)
         teacher_states = [t.states for t in teachers.values()]
         inputs = DistillationInputs(

@@ -1,4 +1,4 @@
-"""The GSM8K forgetting probe of SDFT (Yang et al., ACL 2024, arXiv 2402.13669; docs/METHODS.md, section 1).
+"""The GSM8K forgetting probe of SDFT (Yang et al., ACL 2024, arXiv 2402.13669).
 
 Each question is asked with the paper's system text, rendered through the model's own chat template,
 answered greedily, and counted correct when the last integer of the output equals the last integer of
