@@ -9,14 +9,12 @@ dropout 0.05 on q_proj and v_proj, gradient checkpointing, `bf16=True`, lr 1e-4 
 trainer gets a fresh model; their median step time (after two warm-up steps), tokens/s, and peak allocated and reserved
 GPU memory during training (the 4-bit weights included) are compared with `SFTTrainer`'s, measured in the same run.
 
-SDFT's extra cost is the rewrite: its tokens/s (the trainer's default batch) is measured against a one-row `generate`
-loop over the same prompts, both producing exactly `--rewrite-tokens` tokens per row with the paper's sampling. SDFT's
-training steps then run on the references (the benchmark's checker rejects every rewrite), so that its batches have
-the same 8 x 512 shape as the others: after the rewrite, SDFT training is SFT.
+SDFT's extra cost, the rewrite, has its own benchmark (`rewrite_throughput.py`). Here the rewrite only fills the cache
+(`--rewrite-tokens` tokens per row), and SDFT's training steps run on the references (the benchmark's checker rejects
+every rewrite), so that its batches have the same 8 x 512 shape as the others: after the rewrite, SDFT training is SFT.
 
 Against the hardware: the training steps' model FLOP/s (6 x parameters x tokens: forward, recomputed forward and
 input-gradient backward, no weight gradients for the frozen 4-bit weights) as a fraction of the GPU's dense bf16 peak,
-and the rewrite's tokens/s as a fraction of the decode floor (every step reads all weights once; KV cache ignored).
 
 It prints a table, writes JSON (`--out`), and puts the ratios to SFT on its last line.
 """
@@ -49,10 +47,6 @@ from peft import LoraConfig
 from transformers import BitsAndBytesConfig
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
-from trl_selfdistill.generation import TransformersEngine
-from trl_selfdistill.sdft.rewrite import resolve_generation_kwargs
-from trl_selfdistill.sdft.targets import collect_targets
-from trl_selfdistill.sdft.templates import render_prompt, resolve_template
 
 PRESETS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -145,11 +139,11 @@ def main() -> None:
             train_one(name, load(), args, tokenizer, dataset, lora(), cli.sequence_length, cli.batch_size, label)
         )
         free_memory()
-    rewrite, sdft = measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir)
+    sdft = measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir)
     training.append(sdft)
 
     device = device_name()
-    peak_flops, bandwidth = next((v for k, v in GPU_PEAKS.items() if k in device), (None, None))
+    peak_flops = next((v for k, v in GPU_PEAKS.items() if k in device), (None, None))[0]
     tokens_per_step = cli.batch_size * cli.sequence_length
     parameters = sum(p.numel() for p in state_dict.values())
     for result in training:
@@ -157,25 +151,13 @@ def main() -> None:
         result.extra["model_TFLOP/s"] = round(flops / 1e12, 1)
         if peak_flops:
             result.extra["of_bf16_peak"] = f"{flops / peak_flops:.0%}"
-    if bandwidth:
-        floor = rewrite["batch_size"] * bandwidth / rewrite["weight_bytes"]
-        rewrite["decode_floor_tokens_per_s"] = round(floor)
-        rewrite["of_decode_floor"] = round(rewrite["batched_tokens_per_s"] / floor, 4)
-
     print(
         f"\n{cli.preset} QLoRA on {device}, {datetime.date.today()}: batch {cli.batch_size} x {cli.sequence_length} = "
         f"{tokens_per_step} tokens/step, median of {training[0].steps_timed} steps after 2 warm-up steps"
     )
     print_table(training)
-    print(
-        f"\nSDFT rewrite, {rewrite['rows']} rows x {rewrite['new_tokens']} new tokens: "
-        f"{rewrite['batched_tokens_per_s']:,.1f} tokens/s at batch {rewrite['batch_size']} vs "
-        f"{rewrite['one_row_tokens_per_s']:,.1f} tokens/s for a one-row loop"
-        + (f"; {rewrite['of_decode_floor']:.1%} of the decode floor" if bandwidth else "")
-    )
     sft = training[0]
     ratios = {result.trainer: ratios_to(sft, result) for result in training[1:]}
-    ratios["rewrite_vs_one_row_loop"] = rewrite["batched_tokens_per_s"] / rewrite["one_row_tokens_per_s"]
     write_json(
         cli.out,
         {
@@ -185,57 +167,28 @@ def main() -> None:
             "arguments": vars(cli),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "training": training,
-            "rewrite": rewrite,
             "ratios_to_sft": ratios,
         },
     )
     trainer_ratios = [format_ratios(r.trainer.replace("Trainer", ""), ratios[r.trainer]) for r in training[1:]]
-    print(
-        "ratios to SFTTrainer | "
-        + " | ".join(trainer_ratios)
-        + f" | SDFT rewrite {ratios['rewrite_vs_one_row_loop']:.1f}x the one-row loop"
-    )
+    print("ratios to SFTTrainer | " + " | ".join(trainer_ratios))
 
 
 def measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir):
-    """The rewrite's throughput (batched as SDFTTrainer does, then one row at a time), then SDFT's training steps."""
+    """SDFT's training steps, after a rewrite (not timed here) that fills the cache."""
     rows = dataset.select(range(cli.rewrite_rows))
     decoding = {"max_new_tokens": cli.rewrite_tokens, "min_new_tokens": cli.rewrite_tokens}
-    batch_size = SDFTConfig.__dataclass_fields__["distill_batch_size"].default
     model = load()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    started = time.perf_counter()
     distill_dataset(
-        model, tokenizer, rows, template="general", generation_kwargs=decoding, batch_size=batch_size,
-        seed=SEED, cache_dir=workdir / "cache", show_progress=False,
+        model, tokenizer, rows, template="general", generation_kwargs=decoding, seed=SEED,
+        cache_dir=workdir / "cache", show_progress=False,
     )  # fmt: skip
-    batched_seconds = time.perf_counter() - started
-
-    template = resolve_template("general", None)
-    prompts = [render_prompt(template, t.instruction, t.reference, tokenizer, "chat") for t in collect_targets(rows)]
-    engine, full_decoding = TransformersEngine(model, tokenizer), resolve_generation_kwargs(decoding)
-    started = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.generate([prompt], full_decoding, seed=i)
-    one_row_seconds = time.perf_counter() - started
-
-    new_tokens = cli.rewrite_rows * cli.rewrite_tokens
-    rewrite = {
-        "rows": cli.rewrite_rows,
-        "new_tokens": cli.rewrite_tokens,
-        "batch_size": batch_size,
-        "batched_tokens_per_s": new_tokens / batched_seconds,
-        "one_row_tokens_per_s": new_tokens / one_row_seconds,
-        "weight_bytes": weight_bytes,
-    }
 
     # The trainer finds every rewrite in the cache (same model, prompts, decoding and seed): only training is timed.
     args = SDFTConfig(
         **args_for("SDFTTrainer"),
         distill_template="general",
         distill_generation_kwargs=decoding,
-        distill_batch_size=batch_size,
         distill_cache_dir=str(workdir / "cache"),
         distill_checker=reject_every_rewrite,
     )
@@ -245,7 +198,7 @@ def measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir):
     result = measure_training("SDFTTrainer", trainer, cli.batch_size * cli.sequence_length)
     del trainer, model
     free_memory()
-    return rewrite, result
+    return result
 
 
 if __name__ == "__main__":

@@ -33,11 +33,31 @@ def test_gpu_qlora_benchmark_runs_its_tiny_preset(tmp_path):
         "--rows", "32", "--rewrite-rows", "8", "--rewrite-tokens", "4", "--steps", "4", "--out", str(out),
     )  # fmt: skip
     last = stdout.strip().splitlines()[-1]
-    assert last.startswith("ratios to SFTTrainer | DynSDPB: step") and "SDFT rewrite" in last
+    assert last.startswith("ratios to SFTTrainer | DynSDPB: step") and "SDFT: step" in last
     record = json.loads(out.read_text())
     assert [r["trainer"] for r in record["training"]] == ["SFTTrainer", "DynSDPBTrainer", "SDFTTrainer"]
     assert all(r["median_step_s"] > 0 for r in record["training"])
-    assert record["rewrite"]["batched_tokens_per_s"] > 0 and record["rewrite"]["one_row_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "bundled"])
+def test_rewrite_throughput_benchmark_measures_every_lever(preset, tmp_path):
+    out = tmp_path / "rewrite.json"
+    stdout = run(
+        "rewrite_throughput.py", "--preset", preset, "--rows", "4", "--one-row-rows", "2", "--new-tokens", "6",
+        "--out", str(out),
+    )  # fmt: skip
+    assert stdout.strip().splitlines()[-1].startswith("ratios | default ")
+    arms = json.loads(out.read_text())["arms"]
+    expected = {"one_row", "previous_default", "default", "other_cache", "continuous"}
+    if preset == "tiny":
+        expected |= {"unquantized_compiling", "unquantized", "unquantized_dynamic"}
+    assert set(arms) == expected
+    for arm in arms.values():
+        assert "error" in arm or (arm["tokens_per_s"] > 0 and arm["x_one_row"] > 0)
+    assert "error" not in arms["default"] and "error" not in arms["one_row"]
+    if preset == "bundled":  # greedy: every engine writes the one-row loop's text
+        assert arms["default"]["same_text_as_one_row"] == "2/2"
 
 
 @pytest.mark.slow

@@ -13,10 +13,19 @@ from trl import ModelConfig, TrlParser
 
 from trl_selfdistill import SDFTConfig
 from trl_selfdistill.data import bundled_gsm8k
+from trl_selfdistill.sdft.spec import DistillSpec
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 from sdft import SDFTScriptArguments  # noqa: E402
+
+
+def save_tiny_model_and_gsm8k(tmp_path, rows: int) -> None:
+    """A tiny model in `tmp_path/model`; `rows` raw GSM8K rows (question, answer) in `tmp_path/train.jsonl`."""
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    bundled_gsm8k("train", n=rows).to_json(tmp_path / "train.jsonl")
 
 
 def parse(argv: list[str]):
@@ -30,10 +39,10 @@ def test_cpu_demo_config_parses_with_cli_overrides():
     assert model_args.model_name_or_path == "bundled/SmolLM2-135M-Instruct"
     assert script_args.dataset_name == "bundled/gsm8k"
     assert (args.distill_template, args.distill_checker) == ("gsm8k", "math")
-    assert args.generation_kwargs == {"do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 5,
-                                      "max_new_tokens": 512}  # fmt: skip
+    assert DistillSpec.from_config(args).decoding == {"do_sample": True, "temperature": 0.95, "top_p": 0.7,
+                                                      "top_k": 5, "max_new_tokens": 512}  # fmt: skip
     _, args, _ = parse(["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml")])
-    assert args.generation_kwargs["max_new_tokens"] == 256  # the YAML dict
+    assert DistillSpec.from_config(args).decoding["max_new_tokens"] == 256  # the YAML dict
 
 
 def test_paper_recipe_config_is_the_paper_recipe():
@@ -48,10 +57,7 @@ def test_paper_recipe_config_is_the_paper_recipe():
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", [True, False])
 def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    bundled_gsm8k("train", n=4).to_json(tmp_path / "train.jsonl")  # raw question/answer columns
+    save_tiny_model_and_gsm8k(tmp_path, rows=4)
     command = [sys.executable, str(EXAMPLES / "sdft.py"), "--model_name_or_path", str(tmp_path / "model"),
                "--dataset_name", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
                "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
@@ -71,11 +77,25 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
 
 
 @pytest.mark.slow
+def test_distill_dataset_script_writes_the_distilled_dataset_without_training(tmp_path):
+    save_tiny_model_and_gsm8k(tmp_path, rows=4)
+    command = [sys.executable, str(EXAMPLES / "distill_dataset.py"), "--model_name_or_path", str(tmp_path / "model"),
+               "--dataset_name", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
+               "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
+               "--distill_batch_size", "2", "--distill_cache_dir", str(tmp_path / "cache"),
+               "--use_cpu", "true"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "distillation_report.json").read_text())
+    assert (report["total"], report["generated"], report["engine"]) == (4, 4, "transformers")
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "distilled_dataset.jsonl")]
+    assert len(rows) == 4 and all(row["completion"][0]["role"] == "assistant" for row in rows)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"distillation_report.json", "distilled_dataset.jsonl"}
+
+
+@pytest.mark.slow
 def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    bundled_gsm8k("train", n=8).to_json(tmp_path / "train.jsonl")
+    save_tiny_model_and_gsm8k(tmp_path, rows=8)
     command = [sys.executable, str(EXAMPLES / "dynsdpb.py"),
                "--config", str(EXAMPLES / "configs/dynsdpb_smollm2_cpu.yaml"),
                "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "train.jsonl"),

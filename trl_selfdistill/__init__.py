@@ -6,12 +6,14 @@ from .models import BUNDLED_MODEL_NAME
 from .sdft.checkers import get_checker
 from .sdft.config import SDFTConfig
 from .sdft.rewrite import distill_dataset
+from .sdft.spec import DistillSpec
 from .sdft.trainer import SDFTTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUNDLED_MODEL_NAME",
+    "DistillSpec",
     "DynSDPBConfig",
     "DynSDPBTrainer",
     "SDFTConfig",

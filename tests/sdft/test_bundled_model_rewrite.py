@@ -18,14 +18,15 @@ class KilledAfter(TransformersEngine):
     """The real engine, in a process that dies (KeyboardInterrupt) once `batches` batches are done."""
 
     def __init__(self, model, tokenizer, batches: int):
-        super().__init__(model, tokenizer)
+        super().__init__(model, tokenizer, batch_size=2)
         self.batches_left = batches
 
-    def generate(self, prompts, generation_kwargs, seed):
-        if self.batches_left == 0:
-            raise KeyboardInterrupt
-        self.batches_left -= 1
-        return super().generate(prompts, generation_kwargs, seed)
+    def generate(self, prompts, decoding, seeds):
+        for group in super().generate(prompts, decoding, seeds):
+            if self.batches_left == 0:
+                raise KeyboardInterrupt
+            self.batches_left -= 1
+            yield group
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
+from trl_selfdistill.sdft.spec import DistillSpec
 from trl_selfdistill.sdft.trainer import DISTILLED_DATASET_FILE, REPORT_FILE
 
 
@@ -247,3 +248,45 @@ def test_no_chat_template_fails_at_construction(tmp_path, make_tiny_tokenizer):
             train_dataset=arithmetic_dataset(2),
             processing_class=make_tiny_tokenizer(chat_template=None),
         )
+
+
+def test_qlora_can_rewrite_with_the_unquantized_seed_weights(tmp_path, tiny_tokenizer, make_tiny_llama):
+    model_dir = tmp_path / "tiny-llama"
+    make_tiny_llama(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    dataset = arithmetic_dataset(4)
+    args = sdft_config(tmp_path, distill_unquantized_seed=True, bf16=True, use_cpu=True)
+    # The cache filled by the original weights in the compute dtype: the trainer must find all of it there.
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    expected = distill_dataset(
+        original, tiny_tokenizer, dataset, DistillSpec.from_config(args), batch_size=4, seed=args.seed,
+        cache_dir=args.distill_cache_dir, show_progress=False,
+    )  # fmt: skip
+    assert expected.report["generated"] == 4
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
+    trainer = SDFTTrainer(
+        model=str(model_dir), args=args, train_dataset=dataset, peft_config=lora(), quantization_config=quantization
+    )
+    assert (trainer.distillation_report["generated"], trainer.distillation_report["from_cache"]) == (0, 4)
+    assert trainer.model.get_base_model().is_loaded_in_4bit  # training itself stays QLoRA
+
+    args.distill_cache_dir = str(tmp_path / "other-cache")  # without the option, the 4-bit weights rewrite
+    args.distill_unquantized_seed = False
+    quantized = SDFTTrainer(
+        model=str(model_dir), args=args, train_dataset=dataset, peft_config=lora(), quantization_config=quantization
+    )
+    assert quantized.distillation_report["generated"] == 4
+
+
+def test_decoding_options_are_resolved_once_and_engine_keys_refused():
+    assert SDFTConfig(use_cpu=True, distill_generation_kwargs='{"max_new_tokens": 7}').distill_generation_kwargs == {
+        "max_new_tokens": 7
+    }
+    with pytest.raises(ValueError, match="pad_token_id"):
+        SDFTConfig(use_cpu=True, distill_generation_kwargs={"pad_token_id": 0})
+    with pytest.raises(ValueError, match="distill_batch_size"):
+        SDFTConfig(use_cpu=True, distill_batch_size="many")
+    assert SDFTConfig(use_cpu=True, distill_batch_size="8").distill_batch_size == 8
+    with pytest.raises(ValueError, match="distill_server_url"):
+        SDFTConfig(use_cpu=True, distill_engine="server")

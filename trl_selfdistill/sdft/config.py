@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
-# The official decoding of Yang et al. (2024): one sampled rewrite per row.
-PAPER_GENERATION_KWARGS: dict[str, Any] = {
-    "do_sample": True,
-    "temperature": 0.95,
-    "top_p": 0.7,
-    "top_k": 50,
-    "max_new_tokens": 512,
-}
+from .spec import DistillSpec
+
+DISTILL_ENGINES = ("transformers", "server")
 
 
 @dataclass
@@ -41,8 +35,29 @@ class SDFTConfig(SFTConfig):
         distill_generation_kwargs (`dict[str, Any]`, *optional*):
             Overrides of the paper's decoding (sampling, temperature 0.95, top-p 0.7, top-k 50, 512 new tokens),
             passed to `generate`.
-        distill_batch_size (`int`, *optional*, defaults to `16`):
-            Number of prompts generated together (per process).
+        distill_batch_size (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+            Prompts generated together per process by the in-process engine. `"auto"` sizes the batch from free GPU
+            memory (64 on a CPU) and halves it on out-of-memory.
+        distill_engine (`str`, *optional*, defaults to `"transformers"`):
+            `"transformers"` generates in process with the seed weights; `"server"` sends the prompts to an
+            OpenAI-compatible `/v1/completions` server (vLLM, SGLang, TGI, `transformers serve`) at
+            `distill_server_url`, which must serve the seed model. With the server, no weights are needed to rewrite,
+            so training may shard them (FSDP, ZeRO-3).
+        distill_server_url (`str`, *optional*):
+            Base URL of the server, e.g. `http://localhost:8000`.
+        distill_server_model (`str`, *optional*):
+            Model id to request from the server, when it serves the seed model under another name than the
+            trainer's model name.
+        distill_server_concurrency (`int`, *optional*, defaults to `64`):
+            Requests in flight at once, per process.
+        distill_server_timeout (`float`, *optional*, defaults to `600`):
+            Seconds one request may take before it is retried.
+        distill_server_max_retries (`int`, *optional*, defaults to `5`):
+            Retries of a failed request (connection error, HTTP 429/5xx, malformed answer), with exponential backoff.
+        distill_unquantized_seed (`bool`, *optional*, defaults to `False`):
+            When the training model is quantized (QLoRA), rewrite with the unquantized seed weights, loaded for the
+            rewrite and freed before training, if they fit in free memory (otherwise the quantized model rewrites,
+            with a warning). These are the true seed model, and they generate faster.
         distill_cache_dir (`str`, *optional*):
             Where rewrites are cached as they are produced. Defaults to `$TRL_SELFDISTILL_CACHE/rewrites` (or
             `~/.cache/trl_selfdistill/rewrites`).
@@ -75,25 +90,60 @@ class SDFTConfig(SFTConfig):
             "max_new_tokens 512), as a dict or a JSON string on the command line."
         },
     )
-    distill_batch_size: int = field(
-        default=16,
-        metadata={"help": "Number of prompts the seed model rewrites together, per process."},
+    # An int or "auto"; typed `str` so that the command line accepts both (`__post_init__` makes numbers ints).
+    distill_batch_size: str = field(
+        default="auto",
+        metadata={"help": "Prompts the seed model rewrites together, per process, or 'auto' (from free memory)."},
+    )
+    distill_engine: str = field(
+        default="transformers",
+        metadata={
+            "help": "'transformers' (in process) or 'server' (an OpenAI-compatible server at distill_server_url).",
+            "choices": list(DISTILL_ENGINES),
+        },
+    )
+    distill_server_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the OpenAI-compatible server, e.g. http://localhost:8000."}
+    )
+    distill_server_model: str | None = field(
+        default=None,
+        metadata={"help": "Model id on the server, if it serves the seed model under another name."},
+    )
+    distill_server_concurrency: int = field(default=64, metadata={"help": "Requests in flight at once, per process."})
+    distill_server_timeout: float = field(default=600.0, metadata={"help": "Seconds one request may take."})
+    distill_server_max_retries: int = field(
+        default=5, metadata={"help": "Retries of a failed request, with exponential backoff."}
+    )
+    distill_unquantized_seed: bool = field(
+        default=False,
+        metadata={"help": "Rewrite with the unquantized seed weights when the training model is quantized."},
     )
     distill_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Directory of the resumable rewrite cache. Defaults to ~/.cache/trl_selfdistill/rewrites."},
     )
 
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["distill_generation_kwargs"]
+
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.distill_generation_kwargs, str):
-            self.distill_generation_kwargs = json.loads(self.distill_generation_kwargs)
-        if self.distill_template_mode not in ("chat", "raw"):
-            raise ValueError(f"`distill_template_mode` must be 'chat' or 'raw', got {self.distill_template_mode!r}.")
-        if self.distill_batch_size < 1:
-            raise ValueError(f"`distill_batch_size` must be at least 1, got {self.distill_batch_size}.")
+        if isinstance(self.distill_batch_size, str) and self.distill_batch_size.isdigit():
+            self.distill_batch_size = int(self.distill_batch_size)  # from the command line
+        if self.distill_batch_size != "auto" and not (
+            isinstance(self.distill_batch_size, int) and self.distill_batch_size >= 1
+        ):
+            raise ValueError(f"`distill_batch_size` must be 'auto' or at least 1, got {self.distill_batch_size!r}.")
+        if self.distill_engine not in DISTILL_ENGINES:
+            raise ValueError(f"`distill_engine` must be one of {list(DISTILL_ENGINES)}, got {self.distill_engine!r}.")
+        if self.distill_engine == "server" and not self.distill_server_url:
+            raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+        DistillSpec.from_config(self)  # a bad template, checker or decoding fails here, before anything is loaded
 
     @property
-    def generation_kwargs(self) -> dict[str, Any]:
-        """The decoding actually used: the paper's, updated with `distill_generation_kwargs`."""
-        return {**PAPER_GENERATION_KWARGS, **(self.distill_generation_kwargs or {})}
+    def server_options(self) -> dict[str, Any]:
+        """The [`ServerEngine`] settings."""
+        return {
+            "concurrency": self.distill_server_concurrency,
+            "timeout": self.distill_server_timeout,
+            "max_retries": self.distill_server_max_retries,
+        }

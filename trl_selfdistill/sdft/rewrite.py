@@ -1,35 +1,42 @@
 """`distill_dataset`: the SDFT rewrite on its own, without training.
 
-    prompts -> seed-model generation (batched, cached, sharded across processes) -> acceptance check -> fallback
+    prompts -> seed-model generation (in process or on a server; cached, sharded across processes)
+            -> acceptance check -> fallback
 
-Every response is rewritten once per cache key; what was generated is on disk before the next batch starts, so a
-killed run resumes where it stopped. The checker runs after the cache, so changing it never regenerates anything.
+Every response is rewritten once per cache key. Finished rewrites reach the disk as they come (a batch at a time in
+process, as they complete on a server), so a killed run or a failed server loses nothing and a rerun resumes where it
+stopped. The checker runs after the cache, so changing it never regenerates anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from ..cache import RowCache, fingerprint
-from ..generation import GenerationEngine, TransformersEngine
+from ..generation import GenerationEngine, ServerEngine, TransformersEngine
+from ..models import resolve_model_name
 from ..paths import default_cache_dir
-from .checkers import get_checker, rejection_reason
-from .config import PAPER_GENERATION_KWARGS
+from .checkers import rejection_reason
+from .spec import DistillSpec
 from .targets import RewriteTarget, apply_rewrites, collect_targets
-from .templates import check_renderable, render_prompt, resolve_template
+from .templates import check_renderable
+
+if TYPE_CHECKING:
+    from .config import SDFTConfig
 
 logger = logging.get_logger(__name__)
+
+ENGINES = ("transformers", "server")
 
 
 class DistillationResult(NamedTuple):
@@ -37,97 +44,116 @@ class DistillationResult(NamedTuple):
     report: dict[str, Any]
 
 
-def resolve_generation_kwargs(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The paper's decoding updated with `overrides`; unknown keys fail now rather than inside `generate`."""
-    kwargs = {**PAPER_GENERATION_KWARGS, **(overrides or {})}
-    known = GenerationConfig().to_dict()
-    unknown = sorted(key for key in kwargs if key not in known)
-    if unknown:
-        raise ValueError(
-            f"Unknown decoding option(s) {unknown} in `distill_generation_kwargs`; use `GenerationConfig` fields "
-            "such as `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`."
-        )
-    return kwargs
-
-
-def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
-    """Identifies the seed weights cheaply: name, class, size and a strided sample of a few tensors."""
+def model_name(model: PreTrainedModel | str) -> str:
+    """The seed model's name: the string itself, or the name or path its configuration was loaded from."""
+    if isinstance(model, str):
+        return model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = [p for name, p in base.named_parameters() if "lora_" not in name]
-    digest = hashlib.sha256()
-    for param in (params[0], params[len(params) // 2], params[-1]):
-        flat = param.detach().reshape(-1)
-        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return {
-        "name": getattr(base.config, "_name_or_path", ""),
-        "class": type(base).__name__,
-        "num_parameters": sum(p.numel() for p in params),
-        "weights": digest.hexdigest()[:20],
-    }
+    return getattr(base.config, "_name_or_path", "") or ""
+
+
+def build_engine(
+    engine: str | GenerationEngine,
+    model: PreTrainedModel | str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int | str = "auto",
+    server_url: str | None = None,
+    server_model: str | None = None,
+    server_options: Mapping[str, Any] | None = None,
+) -> GenerationEngine:
+    """An engine by name (`"transformers"` or `"server"`), or `engine` itself if it is one already.
+
+    `server_model` overrides the model id expected on the server (a deployment under another name);
+    `server_options` are [`ServerEngine`] settings (`concurrency`, `timeout`, `max_retries`, `backoff`).
+    """
+    if not isinstance(engine, str):
+        return engine
+    if engine == "server":
+        if not server_url:
+            raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+        return ServerEngine(server_url, server_model or model_name(model), tokenizer, **(server_options or {}))
+    if engine == "transformers":
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model), dtype="auto")
+        return TransformersEngine(model, tokenizer, batch_size)
+    raise ValueError(f"Unknown `distill_engine` {engine!r}: use one of {list(ENGINES)}.")
+
+
+def engine_from_config(args: SDFTConfig, model: PreTrainedModel | str, tokenizer) -> GenerationEngine:
+    """The engine an [`SDFTConfig`] asks for: in process with `model`, or on the server."""
+    if args.distill_engine == "server":
+        return build_engine(
+            "server", model, tokenizer, server_url=args.distill_server_url, server_model=args.distill_server_model,
+            server_options=args.server_options,
+        )  # fmt: skip
+    return build_engine(args.distill_engine, model, tokenizer, batch_size=args.distill_batch_size)
 
 
 def distill_dataset(
-    model: PreTrainedModel,
+    model: PreTrainedModel | str | None,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
+    spec: DistillSpec | None = None,
     *,
-    template: str = "auto",
-    template_mode: str = "chat",
-    checker: str | Callable[[str, str, dict], bool] = "none",
-    generation_kwargs: dict[str, Any] | None = None,
-    batch_size: int = 16,
+    engine: str | GenerationEngine = "transformers",
+    batch_size: int | str = "auto",
+    server_url: str | None = None,
+    server_model: str | None = None,
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
-    engine: GenerationEngine | None = None,
     show_progress: bool = True,
+    **spec_kwargs: Any,
 ) -> DistillationResult:
-    """Rewrites every response of `dataset` with the seed `model` and returns the distilled dataset and a report.
+    """Rewrites every response of `dataset` with the seed model and returns the distilled dataset and a report.
 
     Args:
-        model: the seed model (a PEFT model's adapter is disabled while generating).
-        tokenizer: its tokenizer, with a pad token.
+        model: the seed model (a PEFT model's adapter is disabled while generating) or its name; with the server
+            engine only the name is used, and no weights are loaded.
+        tokenizer: its tokenizer.
         dataset: prompt-completion (standard or conversational) or conversational `messages`.
-        template, template_mode, checker, generation_kwargs, batch_size: see [`SDFTConfig`].
-        seed: base seed; batch `b` of the length-sorted order is sampled with `seed + b`.
+        spec: the prompt, checker and decoding ([`DistillSpec`]); or give `template`, `template_mode`, `checker`,
+            `generation_kwargs` as keyword arguments (see [`SDFTConfig`]).
+        engine: `"transformers"` (in process), `"server"` (an OpenAI-compatible server at `server_url`, serving the
+            model named `server_model`, by default the seed model's name), or a [`GenerationEngine`].
+        batch_size: prompts per `generate` call of the in-process engine, or `"auto"`.
+        seed: base seed; row `i` has seed `seed + i` (in process, a batch is sampled with its first row's seed).
         cache_dir: root of the rewrite cache (defaults to `~/.cache/trl_selfdistill/rewrites`).
-        engine: a [`GenerationEngine`]; defaults to `TransformersEngine(model, tokenizer)`.
 
     Returns:
         `DistillationResult(dataset, report)`; the dataset keeps every row and column, rejected rewrites replaced by
         the reference. Under several processes each rewrites its share and all get the full result.
     """
-    checker_fn = get_checker(checker)
-    distill_template = resolve_template(template, checker if isinstance(checker, str) else None)
-    check_renderable(tokenizer, template_mode)
-    decoding = resolve_generation_kwargs(generation_kwargs)
+    if spec is None:
+        spec = DistillSpec.create(**spec_kwargs)
+    elif spec_kwargs:
+        raise TypeError(f"Pass either `spec` or its parts, not both (got {sorted(spec_kwargs)}).")
+    check_renderable(tokenizer, spec.template_mode)
     targets = collect_targets(dataset)
-    prompts = [render_prompt(distill_template, t.instruction, t.reference, tokenizer, template_mode) for t in targets]
+    engine = build_engine(
+        engine, model, tokenizer, batch_size=batch_size, server_url=server_url, server_model=server_model
+    )
+    if isinstance(engine, ServerEngine):
+        engine.check(spec.decoding)
+    prompts = [spec.render(target.instruction, target.reference, tokenizer) for target in targets]
 
-    seed_model = model_fingerprint(model)
-    key = fingerprint(seed_model, prompts, decoding, seed)
+    generator = engine.identity()
+    decoding = dict(spec.decoding)
+    key = fingerprint(generator, prompts, decoding, seed)
     state = PartialState()
     cache = RowCache(os.path.join(cache_dir or default_cache_dir(), "rewrites", key), f"rank{state.process_index}")
     if state.is_main_process:
-        cache.write_metadata({"model": seed_model, "template": distill_template, "decoding": decoding})
+        cache.write_metadata({"generator": generator, "template": spec.template, "decoding": decoding})
 
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    rewrites, generated = _generate_missing(
-        prompts,
-        lengths,
-        targets,
-        cache,
-        engine or TransformersEngine(model, tokenizer),
-        decoding,
-        batch_size,
-        seed,
-        show_progress,
-    )
+    rewrites, generated = _generate_missing(prompts, lengths, targets, cache, engine, decoding, seed, show_progress)
 
     responses, reasons = {}, Counter()
     for target in targets:
-        reason = rejection_reason(rewrites[_unit_key(target)], target.reference, dataset[target.row], checker_fn)
+        rewrite = rewrites[_unit_key(target)]
+        reason = rejection_reason(rewrite, target.reference, dataset[target.row], spec.checker)
         reasons[reason] += 1
-        responses[(target.row, target.turn)] = target.reference if reason else rewrites[_unit_key(target)]
+        responses[(target.row, target.turn)] = target.reference if reason else rewrite
     report = {
         "rows": len(dataset),
         "total": len(targets),
@@ -136,10 +162,11 @@ def distill_dataset(
         **{f"rejected_{rule}": count for rule, count in sorted(reasons.items(), key=str) if rule},
         "generated": generated,
         "from_cache": len(targets) - generated,
-        "template": distill_template.name,
-        "template_mode": template_mode,
-        "checker": checker if isinstance(checker, str) else getattr(checker, "__name__", "custom"),
+        "template": spec.template.name,
+        "template_mode": spec.template_mode,
+        "checker": spec.checker_name,
         "generation_kwargs": decoding,
+        "engine": generator.get("engine", "transformers"),
         "cache_dir": str(cache.directory),
     }
     return DistillationResult(apply_rewrites(dataset, responses), report)
@@ -156,39 +183,40 @@ def _generate_missing(
     cache: RowCache,
     engine: GenerationEngine,
     decoding: dict[str, Any],
-    batch_size: int,
     seed: int,
     show_progress: bool,
 ) -> tuple[dict[str, str], int]:
     """Generates what the cache lacks for this process's share; returns all rewrites and how many were new."""
     state = PartialState()
-    # Longest first: similar lengths share a batch (little padding), and an out-of-memory error shows up at once.
+    # Longest first, dealt round-robin in whole batches: every process gets a similar mix of lengths, and with a fixed
+    # batch size the batches (so the samples) are those one process would make.
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    deal = engine.batch_size if isinstance(getattr(engine, "batch_size", None), int) else 1
+    chunks = [order[start : start + deal] for start in range(0, len(order), deal)]
+    mine = [i for chunk in chunks[state.process_index :: state.num_processes] for i in chunk]
     cached = cache.load()
-    mine = list(range(state.process_index, len(batches), state.num_processes))
+    missing = [i for i in mine if _unit_key(targets[i]) not in cached]
 
-    local, generated = {}, 0
     progress = tqdm(
-        total=sum(len(batches[b]) for b in mine),
+        total=len(mine),
+        initial=len(mine) - len(missing),
         desc="SDFT rewrite",
         unit="response",
         disable=not show_progress or not state.is_local_main_process,
     )
-    for b in mine:
-        missing = [i for i in batches[b] if _unit_key(targets[i]) not in cached]
-        if missing:
-            texts = engine.generate([prompts[i] for i in missing], decoding, seed + b)
-            records = [{"key": _unit_key(targets[i]), "rewrite": text} for i, text in zip(missing, texts, strict=True)]
+    try:
+        # Each group of finished rows (a batch in process, whatever completed on a server) is on disk before the next.
+        for group in engine.generate([prompts[i] for i in missing], decoding, [seed + i for i in missing]):
+            records = [{"key": _unit_key(targets[missing[position]]), "rewrite": text} for position, text in group]
             cache.append(records)
             cached.update((record["key"], record) for record in records)
-            generated += len(missing)
-        local.update((_unit_key(targets[i]), cached[_unit_key(targets[i])]["rewrite"]) for i in batches[b])
-        progress.update(len(batches[b]))
-    progress.close()
+            progress.update(len(records))
+    finally:
+        progress.close()
 
+    local = {_unit_key(targets[i]): cached[_unit_key(targets[i])]["rewrite"] for i in mine}
     rewrites = {}
     for part in gather_object([local]):
         rewrites.update(part)
-    generated = sum(gather_object([generated]))
+    generated = sum(gather_object([len(missing)]))
     return rewrites, generated

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 
+from ..generation.base import bos_added_on_encoding
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -146,19 +148,6 @@ def check_renderable(tokenizer: PreTrainedTokenizerBase | None, mode: str) -> No
         )
 
 
-def _raw_bos_token(tokenizer: PreTrainedTokenizerBase | None) -> str:
-    """The BOS token text if the tokenizer puts one in front when encoding with special tokens, else ``""``.
-
-    Mirrors the official code, which prepends the BOS id only when the tokenizer adds one (``add_bos_token``):
-    Llama-2 gets ``<s>``, while e.g. SmolLM2 (whose ``bos_token`` is ``<|im_start|>`` but never added) gets none.
-    """
-    bos = getattr(tokenizer, "bos_token", None)
-    if tokenizer is None or not bos:
-        return ""
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
-
-
 def render_prompt(
     template: DistillTemplate,
     instruction: str,
@@ -176,7 +165,7 @@ def render_prompt(
     values = {"instruction": instruction.strip(), "reference": reference.strip()}
     user = fill_placeholders(template.user, **values)
     if mode == "raw":
-        bos = _raw_bos_token(tokenizer)
+        bos = bos_added_on_encoding(tokenizer)
         if template.raw is not None:
             body = fill_placeholders(template.raw, system=template.system or "", **values)
         elif template.system:

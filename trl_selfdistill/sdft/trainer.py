@@ -15,13 +15,15 @@ from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import logging
 from trl import SFTTrainer
 
+from ..generation.local import release_unquantized, unquantized_seed_model
+from ..generation.server import completion_fields
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
-from .checkers import get_checker
 from .config import SDFTConfig
-from .rewrite import distill_dataset, resolve_generation_kwargs
+from .rewrite import distill_dataset, engine_from_config
+from .spec import DistillSpec
 from .targets import collect_targets
-from .templates import check_renderable, resolve_template
+from .templates import check_renderable
 
 logger = logging.get_logger(__name__)
 
@@ -82,7 +84,7 @@ class SDFTTrainer(SFTTrainer):
             args = SDFTConfig(default_output_dir(model, "SDFT"))
         elif not isinstance(args, SDFTConfig):
             raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
-        self._validate_before_loading(args, train_dataset, formatting_func)
+        self._distill_spec = self._validate_before_loading(args, train_dataset, formatting_func)
         if isinstance(model, str):
             model = resolve_model_name(model)
             if processing_class is None:  # loaded here, before the weights, to check the chat template early
@@ -92,26 +94,17 @@ class SDFTTrainer(SFTTrainer):
                     trust_remote_code=args.trust_remote_code,
                 )
         if processing_class is not None:
-            check_renderable(getattr(processing_class, "tokenizer", processing_class), args.distill_template_mode)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            check_renderable(tokenizer, args.distill_template_mode)
+            if args.distill_engine == "server":  # the server answers and serves the seed model, before any loading
+                engine_from_config(args, model, tokenizer).check(self._distill_spec.decoding)
 
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
         super().__init__(model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         check_trainable_dtypes(self.model, uses_grad_scaler=self.accelerator.scaler is not None)
 
-        result = distill_dataset(
-            self.accelerator.unwrap_model(self.model),
-            self._tokenizer,
-            train_dataset,
-            template=args.distill_template,
-            template_mode=args.distill_template_mode,
-            checker=args.distill_checker,
-            generation_kwargs=args.distill_generation_kwargs,
-            batch_size=args.distill_batch_size,
-            seed=args.seed,
-            cache_dir=args.distill_cache_dir,
-            show_progress=not args.disable_tqdm,
-        )
+        result = self._rewrite(train_dataset)
         self.distillation_report = result.report
         self._save_distillation(result.dataset)
         self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int)})
@@ -121,9 +114,32 @@ class SDFTTrainer(SFTTrainer):
             result.dataset, self.processing_class, args, args.packing, None, "train"
         )
 
+    def _rewrite(self, train_dataset: Dataset):
+        """The seed model rewrites the training set: on the server, with the unquantized weights, or in process."""
+        args = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        in_process = args.distill_engine == "transformers"
+        seed_model = unquantized_seed_model(model) if in_process and args.distill_unquantized_seed else None
+        engine = engine_from_config(args, seed_model or model, self._tokenizer)
+        try:
+            return distill_dataset(
+                model,
+                self._tokenizer,
+                train_dataset,
+                self._distill_spec,
+                engine=engine,
+                seed=args.seed,
+                cache_dir=args.distill_cache_dir,
+                show_progress=not args.disable_tqdm,
+            )
+        finally:
+            if seed_model is not None:  # freed before training needs the memory
+                del engine
+                release_unquantized(seed_model)
+
     @staticmethod
-    def _validate_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> None:
-        """Every check that can fail, done before the model is loaded and before any generation."""
+    def _validate_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> DistillSpec:
+        """Every check that can fail, done before the model is loaded and before any generation; returns the spec."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: SDFT rewrites it before training.")
         if formatting_func is not None:
@@ -136,19 +152,20 @@ class SDFTTrainer(SFTTrainer):
                 "`dataset_kwargs={'skip_prepare_dataset': True}` means the dataset is already tokenized, so SDFT "
                 "cannot rewrite it. Pass an untokenized prompt-completion or `messages` dataset."
             )
-        if shards_parameters(args):
+        if shards_parameters(args) and args.distill_engine != "server":
             # Sharded parameters need every rank in every forward, but each rank generates its own share of rows.
             raise ValueError(
-                "SDFTTrainer cannot rewrite under DeepSpeed ZeRO-3 or FSDP. Run the rewrite first with "
+                "SDFTTrainer cannot rewrite in process under DeepSpeed ZeRO-3 or FSDP. Rewrite on a server "
+                "(`distill_engine='server'`, which needs no local weights), or run the rewrite first with "
                 "`trl_selfdistill.distill_dataset` (one process or plain data parallel), then train `SFTTrainer` on "
                 "the distilled dataset with your sharded setup."
             )
         check_liger_kernel(args)
-        checker = args.distill_checker
-        get_checker(checker)
-        resolve_template(args.distill_template, checker if isinstance(checker, str) else None)
-        resolve_generation_kwargs(args.distill_generation_kwargs)
+        spec = DistillSpec.from_config(args)
+        if args.distill_engine == "server":
+            completion_fields(spec.decoding)
         collect_targets(train_dataset)
+        return spec
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # `SFTTrainer.__init__` tokenizes the training set before the model is ready to rewrite it: keep it raw until

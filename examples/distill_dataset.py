@@ -1,0 +1,63 @@
+# Copyright 2026 The trl_selfdistill developers. Licensed under the Apache License, Version 2.0.
+"""The SDFT rewrite alone: write the distilled dataset and its report, without training.
+
+For people who rewrite on one cluster (say, next to a vLLM server) and train on another. The output directory gets
+`distilled_dataset.jsonl` and `distillation_report.json`, the same files `SDFTTrainer` writes; train on them with
+`SFTTrainer` (or with `SDFTTrainer` and the same cache, which then finds every rewrite done).
+
+    # on a vLLM server that serves the seed model (no weights are loaded here, only the tokenizer)
+    python examples/distill_dataset.py --config examples/configs/sdft_llama2_7b_gsm8k_qlora.yaml \\
+        --distill_engine server --distill_server_url http://localhost:8000 --output_dir distilled
+    # in process, on the bundled model and data
+    python examples/distill_dataset.py --config examples/configs/sdft_smollm2_cpu.yaml --output_dir distilled
+
+Every `SDFTConfig` field applies (template, checker, decoding, engine, cache); training fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from sdft import SDFTScriptArguments  # the same dataset arguments as the training script
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, TrlParser, get_quantization_config
+
+from trl_selfdistill import SDFTConfig, distill_dataset
+from trl_selfdistill.data import load_task_dataset
+from trl_selfdistill.models import resolve_model_name
+from trl_selfdistill.sdft.rewrite import engine_from_config
+from trl_selfdistill.sdft.spec import DistillSpec
+from trl_selfdistill.sdft.trainer import DISTILLED_DATASET_FILE, REPORT_FILE
+
+
+def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelConfig) -> None:
+    name = resolve_model_name(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+    dataset = load_task_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        config=script_args.dataset_config,
+        max_samples=script_args.max_train_samples,
+    )
+    model = name  # the server engine needs only the name
+    if args.distill_engine == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
+            quantization_config=get_quantization_config(model_args), device_map="auto",
+        )  # fmt: skip
+    result = distill_dataset(
+        model, tokenizer, dataset, DistillSpec.from_config(args), engine=engine_from_config(args, model, tokenizer),
+        seed=args.seed, cache_dir=args.distill_cache_dir, show_progress=not args.disable_tqdm,
+    )  # fmt: skip
+    os.makedirs(args.output_dir, exist_ok=True)
+    result.dataset.to_json(os.path.join(args.output_dir, DISTILLED_DATASET_FILE), lines=True)
+    with open(os.path.join(args.output_dir, REPORT_FILE), "w", encoding="utf-8") as file:
+        json.dump(result.report, file, indent=2, default=str)
+    print(json.dumps(result.report, indent=2, default=str))
+    print(f"Distilled dataset and report written to {args.output_dir}.")
+
+
+if __name__ == "__main__":
+    parser = TrlParser((SDFTScriptArguments, SDFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

@@ -1,0 +1,68 @@
+"""The in-process engine on a tiny model: batches halved on out-of-memory without losing rows, batch order, seeds."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+from trl_selfdistill.generation import TransformersEngine
+
+GREEDY = {"do_sample": False, "max_new_tokens": 5}
+PROMPTS = [f"<|user|>\nWhat is {i} plus {i * 7}?{'' if i % 2 else ' Think.'}\n<|assistant|>\n" for i in range(12)]
+
+
+def completions(engine, prompts, decoding=GREEDY, seeds=None) -> tuple[list[str], list[int]]:
+    texts, group_sizes = [""] * len(prompts), []
+    for group in engine.generate(prompts, decoding, seeds or [0] * len(prompts)):
+        group_sizes.append(len(group))
+        for index, text in group:
+            texts[index] = text
+    return texts, group_sizes
+
+
+def refuse_batches_above(model, limit: int):
+    """The memory of a smaller device: a forward on more than `limit` rows runs out of memory, as CUDA would."""
+
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > limit:
+            raise torch.OutOfMemoryError(f"batch of {kwargs['input_ids'].shape[0]} does not fit")
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_auto_batch_halves_on_out_of_memory_and_loses_nothing(caplog):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer)
+    expected, _ = completions(TransformersEngine(model, tokenizer, batch_size=3), PROMPTS)
+
+    handle = refuse_batches_above(model, 3)
+    try:
+        with caplog.at_level(logging.WARNING):
+            texts, groups = completions(TransformersEngine(model, tokenizer), PROMPTS)  # "auto": 12 -> 6 -> 3
+        assert texts == expected and all(texts)
+        assert groups == [3, 3, 3, 3]
+        assert "retrying with batches of 3 prompts" in caplog.text
+        with pytest.raises(torch.OutOfMemoryError):  # an explicit size is the user's: not changed behind their back
+            completions(TransformersEngine(model, tokenizer, batch_size=4), PROMPTS)
+    finally:
+        handle.remove()
+
+
+def test_batches_follow_length_and_seeds_repeat_samples():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer)
+    engine = TransformersEngine(model, tokenizer, batch_size=4)
+    texts, groups = completions(engine, PROMPTS)
+    assert groups == [4, 4, 4] and len(texts) == len(PROMPTS)
+    one_by_one = [completions(TransformersEngine(model, tokenizer, batch_size=1), [p])[0][0] for p in PROMPTS]
+    assert texts == one_by_one  # left padding changes no greedy output
+
+    sampling = {"do_sample": True, "top_k": 0, "temperature": 1.0, "max_new_tokens": 6}
+    first, _ = completions(engine, PROMPTS, sampling, seeds=list(range(12)))
+    again, _ = completions(engine, PROMPTS, sampling, seeds=list(range(12)))
+    other, _ = completions(engine, PROMPTS, sampling, seeds=list(range(100, 112)))
+    assert first == again and first != other
+    assert list(engine.generate([], GREEDY, [])) == []
