@@ -120,22 +120,28 @@ class ServerEngine:
         fields = completion_fields(decoding)
         sampling = bool(decoding.get("do_sample", False))
         pending: dict[Future, int] = {}
-        next_prompt = 0
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sdft-rewrite") as pool:
-            try:
-                while pending or next_prompt < len(prompts):
-                    while next_prompt < len(prompts) and len(pending) < self.concurrency:
-                        request = {**fields, **({"seed": seeds[next_prompt]} if sampling else {})}
-                        pending[pool.submit(self._complete, prompts[next_prompt], request)] = next_prompt
-                        next_prompt += 1
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    failed = [future for future in done if future.exception() is not None]
-                    yield [(pending.pop(future), future.result()) for future in done if future not in failed]
-                    if failed:
-                        raise failed[0].exception()
-            finally:  # on an error (or the caller stopping), let no queued request start
-                for future in pending:
-                    future.cancel()
+        next_prompt, error = 0, None
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sdft-rewrite")
+        try:
+            while pending or (error is None and next_prompt < len(prompts)):
+                while error is None and next_prompt < len(prompts) and len(pending) < self.concurrency:
+                    request = {**fields, **({"seed": seeds[next_prompt]} if sampling else {})}
+                    pending[pool.submit(self._complete, prompts[next_prompt], request)] = next_prompt
+                    next_prompt += 1
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished = []
+                for future in done:
+                    index = pending.pop(future)
+                    if future.exception() is None:
+                        finished.append((index, future.result()))
+                    else:  # send nothing more, but keep what the requests in flight still bring back
+                        error = error or future.exception()
+                if finished:
+                    yield finished
+            if error is not None:
+                raise error
+        finally:  # the caller stopped (Ctrl-C): start nothing more, and do not wait for requests in flight
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _complete(self, prompt: str, fields: dict[str, Any], retries: int | None = None) -> str:
         if self._bos_added_by_server:
