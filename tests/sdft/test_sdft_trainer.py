@@ -12,6 +12,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
+from trl_selfdistill.sdft.rewrite import engine_from_config
 from trl_selfdistill.sdft.spec import DistillSpec
 from trl_selfdistill.sdft.trainer import DISTILLED_DATASET_FILE, REPORT_FILE
 
@@ -279,7 +280,7 @@ def test_qlora_can_rewrite_with_the_unquantized_seed_weights(tmp_path, tiny_toke
     assert quantized.distillation_report["generated"] == 4
 
 
-def test_decoding_options_are_resolved_once_and_engine_keys_refused():
+def test_decoding_options_are_resolved_once_and_engine_keys_refused(tiny_tokenizer, make_tiny_llama):
     assert SDFTConfig(use_cpu=True, distill_generation_kwargs='{"max_new_tokens": 7}').distill_generation_kwargs == {
         "max_new_tokens": 7
     }
@@ -290,3 +291,8 @@ def test_decoding_options_are_resolved_once_and_engine_keys_refused():
     assert SDFTConfig(use_cpu=True, distill_batch_size="8").distill_batch_size == 8
     with pytest.raises(ValueError, match="distill_server_url"):
         SDFTConfig(use_cpu=True, distill_engine="server")
+    with pytest.raises(ValueError, match="disable_compile"):
+        SDFTConfig(use_cpu=True, distill_generation_kwargs={"disable_compile": False})
+    args = SDFTConfig(use_cpu=True, distill_compile=True, distill_batch_size=3)
+    engine = engine_from_config(args, make_tiny_llama(tiny_tokenizer), tiny_tokenizer)
+    assert (engine.compile, engine.batch_size, engine.static_cache) == (True, 3, False)  # no static cache on a CPU

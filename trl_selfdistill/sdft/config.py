@@ -54,6 +54,9 @@ class SDFTConfig(SFTConfig):
             Seconds one request may take before it is retried.
         distill_server_max_retries (`int`, *optional*, defaults to `5`):
             Retries of a failed request (connection error, HTTP 429/5xx, malformed answer), with exponential backoff.
+        distill_compile (`bool`, *optional*, defaults to `False`):
+            Compile the in-process decoding step (GPU, unquantized weights, static cache): 2.6x faster once compiled
+            for a 7B model, but each new batch shape compiles again (about 35 s each), so it pays on long rewrites.
         distill_unquantized_seed (`bool`, *optional*, defaults to `False`):
             When the training model is quantized (QLoRA), rewrite with the unquantized seed weights, loaded for the
             rewrite and freed before training, if they fit in free memory (otherwise the quantized model rewrites,
@@ -113,6 +116,10 @@ class SDFTConfig(SFTConfig):
     distill_server_timeout: float = field(default=600.0, metadata={"help": "Seconds one request may take."})
     distill_server_max_retries: int = field(
         default=5, metadata={"help": "Retries of a failed request, with exponential backoff."}
+    )
+    distill_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the in-process decoding step (GPU, unquantized weights); pays on long rewrites."},
     )
     distill_unquantized_seed: bool = field(
         default=False,

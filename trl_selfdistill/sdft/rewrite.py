@@ -58,13 +58,15 @@ def build_engine(
     tokenizer: PreTrainedTokenizerBase,
     *,
     batch_size: int | str = "auto",
+    compile: bool = False,
     server_url: str | None = None,
     server_model: str | None = None,
     server_options: Mapping[str, Any] | None = None,
 ) -> GenerationEngine:
     """An engine by name (`"transformers"` or `"server"`), or `engine` itself if it is one already.
 
-    `server_model` overrides the model id expected on the server (a deployment under another name);
+    `batch_size` and `compile` are [`TransformersEngine`] settings; `server_model` overrides the model id expected on
+    the server (a deployment under another name);
     `server_options` are [`ServerEngine`] settings (`concurrency`, `timeout`, `max_retries`, `backoff`).
     """
     if not isinstance(engine, str):
@@ -76,7 +78,7 @@ def build_engine(
     if engine == "transformers":
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model), dtype="auto")
-        return TransformersEngine(model, tokenizer, batch_size)
+        return TransformersEngine(model, tokenizer, batch_size, compile=compile)
     raise ValueError(f"Unknown `distill_engine` {engine!r}: use one of {list(ENGINES)}.")
 
 
@@ -87,7 +89,9 @@ def engine_from_config(args: SDFTConfig, model: PreTrainedModel | str, tokenizer
             "server", model, tokenizer, server_url=args.distill_server_url, server_model=args.distill_server_model,
             server_options=args.server_options,
         )  # fmt: skip
-    return build_engine(args.distill_engine, model, tokenizer, batch_size=args.distill_batch_size)
+    return build_engine(
+        args.distill_engine, model, tokenizer, batch_size=args.distill_batch_size, compile=args.distill_compile
+    )
 
 
 def distill_dataset(

@@ -36,6 +36,8 @@ ENGINE_OWNED_KEYS: frozenset[str] = frozenset(
         "pad_token_id",
         "use_cache",
         "cache_implementation",
+        "disable_compile",
+        "compile_config",
         "num_return_sequences",
         "return_dict_in_generate",
         "output_scores",
