@@ -66,3 +66,18 @@ def test_batches_follow_length_and_seeds_repeat_samples():
     other, _ = completions(engine, PROMPTS, sampling, seeds=list(range(100, 112)))
     assert first == again and first != other
     assert list(engine.generate([], GREEDY, [])) == []
+
+
+def test_a_model_name_is_enough_for_the_in_process_engine(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trl_selfdistill import distill_dataset
+    from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
+    result = distill_dataset(tiny_model_dir, tokenizer, dataset, generation_kwargs={"max_new_tokens": 3},
+                             cache_dir=tmp_path, show_progress=False)  # fmt: skip
+    assert (result.report["generated"], result.report["engine"]) == (2, "transformers")
+    with pytest.raises(ValueError, match="seed model's name"):
+        distill_dataset(None, tokenizer, dataset, engine="server", server_url="http://127.0.0.1:1")

@@ -54,7 +54,7 @@ def model_name(model: PreTrainedModel | str) -> str:
 
 def build_engine(
     engine: str | GenerationEngine,
-    model: PreTrainedModel | str,
+    model: PreTrainedModel | str | None,
     tokenizer: PreTrainedTokenizerBase,
     *,
     batch_size: int | str = "auto",
@@ -65,15 +65,17 @@ def build_engine(
 ) -> GenerationEngine:
     """An engine by name (`"transformers"` or `"server"`), or `engine` itself if it is one already.
 
-    `batch_size` and `compile` are [`TransformersEngine`] settings; `server_model` overrides the model id expected on
-    the server (a deployment under another name);
-    `server_options` are [`ServerEngine`] settings (`concurrency`, `timeout`, `max_retries`, `backoff`).
+    `batch_size` and `compile` are [`TransformersEngine`] settings. `server_model` overrides the model id expected on
+    the server (a deployment under another name); `server_options` are [`ServerEngine`] settings (`concurrency`,
+    `timeout`, `max_retries`, `backoff`). With the in-process engine, a model name is loaded here.
     """
     if not isinstance(engine, str):
         return engine
     if engine == "server":
         if not server_url:
             raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+        if model is None and not server_model:
+            raise ValueError("The server engine needs the seed model's name: pass `model` (a name) or `server_model`.")
         return ServerEngine(server_url, server_model or model_name(model), tokenizer, **(server_options or {}))
     if engine == "transformers":
         if isinstance(model, str):
