@@ -1,8 +1,10 @@
-"""An append-only, resumable on-disk cache of generated rows.
+"""An append-only, resumable, self-healing on-disk cache of generated rows.
 
 One directory per cache key. Each writer (one per process) appends JSON lines to its own file, flushed and synced
-after every batch, so a run killed at any point keeps everything it had finished and never corrupts another
-process's file. Reading merges every file of the directory; a line cut short by a kill is ignored.
+after every group of rows, so a run killed at any point keeps everything it had finished and never corrupts another
+process's file. Reading merges every file of the directory and needs no write access (a finished cache on a read-only
+mount is usable). A line that cannot be used (cut by a kill, damaged, not a row) is skipped with a warning that names
+the file and line, and its row is generated again: one bad line never costs the good ones.
 """
 
 from __future__ import annotations
@@ -10,9 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -22,21 +29,14 @@ def fingerprint(*parts: Any) -> str:
 
 
 class RowCache:
-    """Rows keyed by `record["key"]`, stored as JSON lines under `directory`."""
+    """Rows keyed by `record["key"]` (a string), each with a string `record["rewrite"]`, stored as JSON lines."""
 
     def __init__(self, directory: str | os.PathLike, writer: str = "rank0"):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._path = self.directory / f"rows-{writer}.jsonl"
-        # A kill mid-write leaves a line without its newline: end it, so the next row starts on a line of its own.
-        if self._path.exists() and self._path.stat().st_size > 0:
-            with open(self._path, "rb+") as file:
-                file.seek(-1, os.SEEK_END)
-                if file.read(1) != b"\n":
-                    file.write(b"\n")
 
     def load(self) -> dict[str, dict]:
-        """Every complete row written so far, by any writer."""
+        """Every usable row written so far, by any writer."""
         return self._read(sorted(self.directory.glob("rows-*.jsonl")))
 
     def load_own(self) -> dict[str, dict]:
@@ -47,26 +47,77 @@ class RowCache:
     def _read(paths: list[Path]) -> dict[str, dict]:
         rows = {}
         for path in paths:
-            with open(path, encoding="utf-8") as file:
-                for line in file:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # the last line of a killed run
-                        continue
-                    rows[record["key"]] = record
+            skipped = []
+            with open(path, "rb") as file:
+                for number, line in enumerate(file, start=1):
+                    record, problem = _parse_row(line)
+                    if record is None:
+                        skipped.append((number, problem))
+                    else:
+                        rows[record["key"]] = record
+            if skipped:
+                first, problem = skipped[0]
+                logger.warning(
+                    f"Skipped {len(skipped)} unusable line(s) of the rewrite cache {path} (line {first}: {problem}); "
+                    "their rows will be generated again."
+                )
         return rows
 
     def append(self, records: Iterable[dict]) -> None:
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         if not lines:
             return
-        with open(self._path, "a", encoding="utf-8") as file:
-            file.write(lines)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self._path, "ab") as file:
+                # A kill mid-write leaves a line without its newline: end it, so this row starts on a line of its own.
+                if file.tell() > 0 and not _ends_with_newline(self._path):
+                    lines = "\n" + lines
+                file.write(lines.encode("utf-8"))
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"Could not write the rewrite cache {self._path}: {error.strerror}. Rows finished before this are "
+                "kept; free some space or point `distill_cache_dir` elsewhere, then rerun to resume.",
+            ) from error
 
     def write_metadata(self, metadata: dict) -> None:
-        """Records what the key was made of, for people looking at the cache."""
+        """Records what the key was made of, for people looking at the cache; written atomically, repaired if bad."""
         path = self.directory / "meta.json"
-        if not path.exists():
-            path.write_text(json.dumps(metadata, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            return  # already there and whole
+        except (OSError, ValueError):
+            pass
+        payload = json.dumps(metadata, indent=2, default=str, ensure_ascii=False)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as file:
+                file.write(payload)
+            os.chmod(file.name, 0o644)  # readable by whoever shares the cache, as a plain write would be
+            os.replace(file.name, path)
+        except OSError as error:  # informational only: a read-only cache is still usable
+            logger.warning(f"Could not write {path} ({error.strerror}); the cache works without it.")
+
+
+def _parse_row(line: bytes) -> tuple[dict | None, str]:
+    """The row a cache line holds, or None and why it cannot be used."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError:
+        return None, "not complete JSON (cut by a kill?)"
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return None, "not a row with a string 'key'"
+    if not isinstance(record.get("rewrite"), str):
+        return None, "its 'rewrite' is not a string"
+    return record, ""
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
