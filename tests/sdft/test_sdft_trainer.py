@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -296,3 +296,18 @@ def test_decoding_options_are_resolved_once_and_engine_keys_refused(tiny_tokeniz
     args = SDFTConfig(use_cpu=True, distill_compile=True, distill_batch_size=3)
     engine = engine_from_config(args, make_tiny_llama(tiny_tokenizer), tiny_tokenizer)
     assert (engine.compile, engine.batch_size, engine.static_cache) == (True, 3, False)  # no static cache on a CPU
+
+
+def test_a_dataset_dict_or_nested_messages_are_named_at_construction(tmp_path, tiny_tokenizer):
+    def construct(dataset):
+        SDFTTrainer(model=str(tmp_path / "never-loaded"), args=sdft_config(tmp_path), train_dataset=dataset,
+                    processing_class=tiny_tokenizer)  # fmt: skip
+
+    with pytest.raises(TypeError, match=r"DatasetDict of splits \['test', 'train'\].*dataset\['train'\]"):
+        construct(DatasetDict({"train": arithmetic_dataset(2), "test": arithmetic_dataset(2)}))
+    user, assistant = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    with pytest.raises(ValueError, match=r"Row 0, `messages`, message 0: .* nested list"):
+        construct(Dataset.from_list([{"messages": [[user, assistant]]}]))
+    with pytest.raises(ValueError, match=r"Row 0, `completion`, message 0: .* got str"):
+        construct(Dataset.from_list([{"prompt": [user], "completion": ["Hello"]}]))
+    assert not os.path.exists(tmp_path / "out")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, IterableDatasetDict
 
 _FIX_HINT = (
     "SDFT needs to know which part of each row is the response to rewrite. Pass a prompt-completion dataset "
@@ -38,6 +38,11 @@ class RewriteTarget:
 
 def dataset_format(dataset: Dataset) -> str:
     """Returns `"prompt_completion"` or `"messages"`, or raises a `ValueError` that says what to pass instead."""
+    if isinstance(dataset, DatasetDict | IterableDatasetDict):
+        raise TypeError(
+            f"SDFT needs one split as its training set, got a {type(dataset).__name__} of splits "
+            f"{sorted(dataset)}. Pass one of them, e.g. `train_dataset=dataset['train']`."
+        )
     if not isinstance(dataset, Dataset):
         raise TypeError(
             f"SDFT rewrites the training set before training, so it needs a `datasets.Dataset`, got "
@@ -93,6 +98,22 @@ def _text(content: object, where: str) -> str:
     return content
 
 
+def _messages(value: object, where: str) -> list[dict]:
+    """`value` checked to be a list of message dicts (not, say, a list of lists)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected a list of messages, got {type(value).__name__}.")
+    for turn, message in enumerate(value):
+        if not isinstance(message, dict):
+            nested = (
+                " (a nested list: flatten it into one list of messages per row)" if isinstance(message, list) else ""
+            )
+            raise ValueError(
+                f"{where}, message {turn}: each message must be a dict with `role` and `content`, got "
+                f"{type(message).__name__}{nested}."
+            )
+    return value
+
+
 def _prompt_completion_target(index: int, prompt: object, completion: object) -> RewriteTarget:
     where = f"Row {index}"
     if isinstance(prompt, str) and isinstance(completion, str):
@@ -102,8 +123,10 @@ def _prompt_completion_target(index: int, prompt: object, completion: object) ->
             f"{where}: `prompt` and `completion` must both be strings or both be lists of messages, got "
             f"{type(prompt).__name__} and {type(completion).__name__}."
         )
-    user_turns = [m for m in prompt if m.get("role") == "user"]
-    assistant_turns = [i for i, m in enumerate(completion) if m.get("role") == "assistant"]
+    user_turns = [m for m in _messages(prompt, f"{where}, `prompt`") if m.get("role") == "user"]
+    assistant_turns = [
+        i for i, m in enumerate(_messages(completion, f"{where}, `completion`")) if m.get("role") == "assistant"
+    ]
     if not user_turns or len(assistant_turns) != 1:
         raise ValueError(
             f"{where}: a conversational prompt-completion row needs a user message in `prompt` and exactly one "
@@ -118,7 +141,7 @@ def _messages_targets(index: int, messages: list[dict]) -> list[RewriteTarget]:
     where = f"Row {index}"
     targets = []
     last_user = None
-    for turn, message in enumerate(messages):
+    for turn, message in enumerate(_messages(messages, f"{where}, `messages`")):
         if message.get("role") == "user":
             last_user = _text(message["content"], where)
         elif message.get("role") == "assistant" and last_user is not None:
