@@ -153,6 +153,11 @@ def test_server_refusing_a_request_is_not_retried(tiny_model_dir):
         broken.close()
 
 
+def test_a_url_without_scheme_names_the_fix(tiny_model_dir):
+    with pytest.raises(ValueError, match="'http://localhost:8000'"):
+        ServerEngine("localhost:8000", "seed", AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
 def test_decoding_becomes_completion_fields():
     paper = DistillSpec.create().decoding
     assert completion_fields(paper) == {"temperature": 0.95, "top_p": 0.7, "top_k": 50, "max_tokens": 512}

@@ -86,6 +86,8 @@ class ServerEngine:
                 f"Server engine settings out of range: concurrency={concurrency} (>= 1), timeout={timeout} (> 0), "
                 f"max_retries={max_retries} (>= 0), backoff={backoff} (>= 0)."
             )
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"The server URL {url!r} needs its scheme, e.g. 'http://{url}'.")
         self.url = url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.concurrency = concurrency
