@@ -88,8 +88,8 @@ def engine_arm(engine: TransformersEngine) -> Callable[[list[str], dict], list[s
     def run(prompts: list[str], decoding: dict) -> list[str]:
         texts = [""] * len(prompts)
         for group in engine.generate(prompts, decoding, seeds=list(range(len(prompts)))):
-            for index, text in group:
-                texts[index] = text
+            for completion in group:
+                texts[completion.index] = completion.text
         return texts
 
     return run

@@ -2,7 +2,8 @@
 """The SDFT rewrite alone: write the distilled dataset and its report, without training.
 
 For people who rewrite on one cluster (say, next to a vLLM server) and train on another. The output directory gets
-`distilled_dataset.jsonl` and `distillation_report.json`, the same files `SDFTTrainer` writes; train on them with
+`distilled_dataset.jsonl`, `distillation_report.json` and the per-row audit trail `distillation_rows.jsonl`, the same
+files `SDFTTrainer` writes; train on them with
 `SFTTrainer` (or with `SDFTTrainer` and the same cache, which then finds every rewrite done).
 
     # on a vLLM server that serves the seed model (no weights are loaded here, only the tokenizer)
@@ -17,7 +18,6 @@ Every `SDFTConfig` field applies (template, checker, decoding, engine, cache); t
 from __future__ import annotations
 
 import json
-import os
 
 from sdft import SDFTScriptArguments  # the same dataset arguments as the training script
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,9 +26,9 @@ from trl import ModelConfig, TrlParser, get_quantization_config
 from trl_selfdistill import SDFTConfig, distill_dataset
 from trl_selfdistill.data import load_task_dataset
 from trl_selfdistill.models import resolve_model_name
+from trl_selfdistill.sdft.outputs import save_distillation
 from trl_selfdistill.sdft.rewrite import engine_from_config
 from trl_selfdistill.sdft.spec import DistillSpec
-from trl_selfdistill.sdft.trainer import DISTILLED_DATASET_FILE, REPORT_FILE
 
 
 def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelConfig) -> None:
@@ -50,12 +50,9 @@ def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelCo
         model, tokenizer, dataset, DistillSpec.from_config(args), engine=engine_from_config(args, model, tokenizer),
         seed=args.seed, cache_dir=args.distill_cache_dir, show_progress=not args.disable_tqdm,
     )  # fmt: skip
-    os.makedirs(args.output_dir, exist_ok=True)
-    result.dataset.to_json(os.path.join(args.output_dir, DISTILLED_DATASET_FILE), lines=True)
-    with open(os.path.join(args.output_dir, REPORT_FILE), "w", encoding="utf-8") as file:
-        json.dump(result.report, file, indent=2, default=str)
+    save_distillation(args.output_dir, result.dataset, result.report, result.rows)
     print(json.dumps(result.report, indent=2, default=str))
-    print(f"Distilled dataset and report written to {args.output_dir}.")
+    print(f"Distilled dataset, report and per-row audit trail written to {args.output_dir}.")
 
 
 if __name__ == "__main__":

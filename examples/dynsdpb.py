@@ -12,13 +12,22 @@ Llama-2-7b-chat on GSM8K as QLoRA on one GPU (or several with `--multi_gpu`):
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+# Third-party notes that every run would print, harmless here, filtered before the imports that emit them:
+# bitsandbytes on an optional CPU kernel package, and PEFT reading a transformers attribute that was renamed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
-from trl_selfdistill.data import load_task_dataset
-from trl_selfdistill.models import resolve_model_name
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
+
+from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer  # noqa: E402
+from trl_selfdistill.data import load_task_dataset  # noqa: E402
+from trl_selfdistill.models import resolve_model_name  # noqa: E402
 
 
 @dataclass

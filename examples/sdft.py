@@ -16,13 +16,22 @@ directory, or `bundled/gsm8k`. Raw GSM8K `question`/`answer` columns are convert
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+# Third-party notes that every run would print, harmless here, filtered before the imports that emit them:
+# bitsandbytes on an optional CPU kernel package, and PEFT reading a transformers attribute that was renamed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from trl_selfdistill import SDFTConfig, SDFTTrainer
-from trl_selfdistill.data import BUNDLED_GSM8K_NAME, load_task_dataset
-from trl_selfdistill.evaluation.gsm8k import evaluate_gsm8k
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
+
+from trl_selfdistill import SDFTConfig, SDFTTrainer  # noqa: E402
+from trl_selfdistill.data import BUNDLED_GSM8K_NAME, load_task_dataset  # noqa: E402
+from trl_selfdistill.evaluation.gsm8k import evaluate_gsm8k  # noqa: E402
 
 
 @dataclass

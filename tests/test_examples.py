@@ -87,10 +87,16 @@ def test_distill_dataset_script_writes_the_distilled_dataset_without_training(tm
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "out" / "distillation_report.json").read_text())
-    assert (report["total"], report["generated"], report["engine"]) == (4, 4, "transformers")
+    # Byte-level tokens of the tiny tokenizer make some GSM8K prompts longer than the tiny model's 512 positions.
+    assert (report["total"], report["engine"]) == (4, "transformers") and report["generated"] >= 1
+    assert report["generated"] + report.get("skipped_too_long", 0) == 4
     rows = [json.loads(line) for line in open(tmp_path / "out" / "distilled_dataset.jsonl")]
     assert len(rows) == 4 and all(row["completion"][0]["role"] == "assistant" for row in rows)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"distillation_report.json", "distilled_dataset.jsonl"}
+    audit = [json.loads(line) for line in open(tmp_path / "out" / "distillation_rows.jsonl")]
+    assert [entry["row"] for entry in audit] == [0, 1, 2, 3]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "distillation_report.json", "distilled_dataset.jsonl", "distillation_rows.jsonl"
+    }  # fmt: skip
 
 
 @pytest.mark.slow
@@ -105,3 +111,19 @@ def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "'distill/reused_fraction': '0.5'" in completed.stdout  # the second step re-uses half of each batch
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (EXAMPLES / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses_with_its_script(config):
+    """Each YAML is read by the parser of its script; every key must be a field there (a renamed field fails)."""
+    from dynsdpb import DynSDPBScriptArguments
+
+    from trl_selfdistill import DynSDPBConfig
+
+    sdft = config.startswith("sdft")
+    classes = (SDFTScriptArguments, SDFTConfig) if sdft else (DynSDPBScriptArguments, DynSDPBConfig)
+    # GPU recipes ask for bf16, which a CPU-only machine refuses at parse time; everything else is parsed as written.
+    _, args, model_args = TrlParser((*classes, ModelConfig)).parse_args_and_config(
+        ["--config", str(EXAMPLES / "configs" / config), "--bf16", "false", "--use_cpu", "true"]
+    )
+    assert model_args.model_name_or_path and args.output_dir

@@ -18,8 +18,8 @@ def completions(engine, prompts, decoding=GREEDY, seeds=None) -> tuple[list[str]
     texts, group_sizes = [""] * len(prompts), []
     for group in engine.generate(prompts, decoding, seeds or [0] * len(prompts)):
         group_sizes.append(len(group))
-        for index, text in group:
-            texts[index] = text
+        for completion in group:
+            texts[completion.index] = completion.text
     return texts, group_sizes
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,8 +55,80 @@ def test_bundled_model_path_converts_only_once(bundled_model_dir):
 
 def test_resolve_model_name(bundled_model_dir):
     assert resolve_model_name(BUNDLED_MODEL_NAME) == bundled_model_dir
+
+
+def test_resolve_model_name_keeps_local_directories_and_online_hub_ids(monkeypatch, tmp_path, tiny_model_dir):
+    from huggingface_hub import constants
+
+    assert resolve_model_name(tiny_model_dir) == tiny_model_dir
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    assert resolve_model_name(f"./{Path(tiny_model_dir).name}") == f"./{Path(tiny_model_dir).name}"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my-model").mkdir()
+    assert resolve_model_name("~/my-model") == str(tmp_path / "my-model")  # transformers does not expand `~`
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: a Hub id is left to `from_pretrained`
     assert resolve_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert resolve_model_name("./some/local/dir") == "./some/local/dir"
+
+
+@pytest.mark.parametrize(
+    ("name", "nearest"),
+    [("./no/such/model", "work"), ("../no-such-model", ""), ("{tmp}/missing/model", ""), ("~/no-such-model", "home"),
+     ("outputs/no/such-model", "work")],
+)  # fmt: skip
+def test_a_local_model_path_that_does_not_exist_is_named(monkeypatch, tmp_path, name, nearest):
+    for folder in ("home", "work"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "work")
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist") as error:
+        resolve_model_name(name)
+    assert repr(name) in str(error.value)  # the path as given, not transformers' "Repo id must be in the form"
+    assert f"the nearest existing folder is {tmp_path / nearest}." in str(error.value)
+
+
+# Run in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at import.
+_OFFLINE_SCRIPT = """
+import json, sys, time
+from tiny_models import addition_rows
+from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer, SDFTConfig, SDFTTrainer, resolve_model_name
+
+results = {"cached": resolve_model_name("someone/cached-model")}
+for name, make in [
+    ("resolve", lambda: resolve_model_name("HuggingFaceTB/SmolLM2-135M-Instructt")),
+    ("dynsdpb", lambda: DynSDPBTrainer("HuggingFaceTB/SmolLM2-135M-Instructt",
+                                       args=DynSDPBConfig(sys.argv[1], use_cpu=True), train_dataset=addition_rows())),
+    ("sdft", lambda: SDFTTrainer("HuggingFaceTB/SmolLM2-135M-Instructt",
+                                 args=SDFTConfig(sys.argv[1], use_cpu=True), train_dataset=addition_rows())),
+]:
+    start = time.perf_counter()
+    try:
+        make()
+        results[name] = ["no error", time.perf_counter() - start]
+    except OSError as error:
+        results[name] = [str(error), time.perf_counter() - start]
+print(json.dumps(results))
+"""
+
+
+def test_offline_a_hub_id_missing_from_the_cache_fails_at_once(tmp_path):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--cached-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_SCRIPT, str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results.pop("cached") == "someone/cached-model"  # in the cache: left to `from_pretrained`
+    for entry_point, (message, seconds) in results.items():
+        assert "'HuggingFaceTB/SmolLM2-135M-Instructt'" in message, entry_point
+        assert "offline mode is on (HF_HUB_OFFLINE is set)" in message and str(cache) in message, entry_point
+        assert seconds < 10, (entry_point, seconds)  # no retries
 
 
 def test_bundled_model_loads_as_a_plain_chat_model(bundled_model):

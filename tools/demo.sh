@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 VENV="$VENV" bash tools/bootstrap.sh
 export HF_HUB_OFFLINE=1
+# accelerate's own CPU default (OMP_NUM_THREADS, else the physical cores), passed so that it does not warn about it.
+THREADS="${OMP_NUM_THREADS:-$("$VENV/bin/python" -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)')}"
 "$VENV/bin/accelerate" launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    examples/sdft.py --config examples/configs/sdft_smollm2_cpu.yaml "$@"
+    --num_cpu_threads_per_process "$THREADS" examples/sdft.py --config examples/configs/sdft_smollm2_cpu.yaml "$@"

@@ -2,7 +2,7 @@
 
 from .dynsdpb.config import DynSDPBConfig
 from .dynsdpb.trainer import DynSDPBTrainer
-from .models import BUNDLED_MODEL_NAME
+from .models import BUNDLED_MODEL_NAME, bundled_model_path, resolve_model_name
 from .sdft.checkers import get_checker
 from .sdft.config import SDFTConfig
 from .sdft.rewrite import distill_dataset
@@ -18,6 +18,8 @@ __all__ = [
     "DynSDPBTrainer",
     "SDFTConfig",
     "SDFTTrainer",
+    "bundled_model_path",
     "distill_dataset",
     "get_checker",
+    "resolve_model_name",
 ]

@@ -120,7 +120,72 @@ def bundled_model_path() -> str:
 
 
 def resolve_model_name(name: str) -> str:
-    """Map :data:`BUNDLED_MODEL_NAME` to its local directory; return any other name unchanged."""
+    """Map :data:`BUNDLED_MODEL_NAME` to its local directory and check any other name before anything is loaded.
+
+    A local directory is returned as is (``~`` expanded). A name that cannot be a Hub id (``./x``, ``/x``, ``~/x``,
+    ``a/b/c``, ...) and does not exist raises :class:`FileNotFoundError`, instead of transformers' "Repo id must be in
+    the form" error. In offline mode (``HF_HUB_OFFLINE=1``), a Hub id that is not in the local Hugging Face cache
+    raises :class:`OSError` at once. Any other Hub id is returned unchanged, for ``from_pretrained`` to download.
+    """
     if name == BUNDLED_MODEL_NAME:
         return bundled_model_path()
+    local = os.path.expanduser(name)
+    if os.path.exists(local):
+        return local
+    if not _is_hub_id(name):
+        raise FileNotFoundError(_missing_path_message(name, local))
+    if _offline_mode() and not _in_hub_cache(name):
+        raise OSError(_not_cached_message(name))
     return name
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub model id ("name" or "namespace/name"), which a path may also have."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isabs(name) or (os.altsep and os.altsep in name) or (os.sep != "/" and os.sep in name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _missing_path_message(name: str, local: str) -> str:
+    absolute = Path(os.path.abspath(local))
+    nearest = next(parent for parent in absolute.parents if parent.is_dir())
+    where = "" if str(absolute) == name else f" ({absolute})"
+    return (
+        f"The model path {name!r} does not exist{where}; the nearest existing folder is {nearest}. Pass an existing "
+        f"model directory, a Hub model id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or {BUNDLED_MODEL_NAME!r}."
+    )
+
+
+def _offline_mode() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) once, at import: what it reads is what applies.
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds any snapshot of the model `repo_id` (config.json or a GGUF file)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    return snapshots.is_dir() and any(any(snapshot.iterdir()) for snapshot in snapshots.iterdir() if snapshot.is_dir())
+
+
+def _not_cached_message(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    variable = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return (
+        f"Model {repo_id!r} is neither a local directory nor in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and offline mode is on ({variable} is set), so it cannot be downloaded. Check "
+        f"the spelling of the id, download it once with network access (`hf download {repo_id}`), or unset "
+        f"{variable}."
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
@@ -40,3 +41,22 @@ def check_liger_kernel(args: TrainingArguments) -> None:
             "`use_liger_kernel=True` needs the `liger-kernel` package (Triton kernels, GPUs only): "
             "`pip install liger-kernel`, or set `use_liger_kernel=False`."
         )
+
+
+@dataclass
+class CheckpointingByItsNewName:
+    """TRL's default, activation checkpointing on, set through the name transformers 5.24 keeps.
+
+    TRL 1.16 sets `gradient_checkpointing=True` by default, a name transformers 5.24 deprecates with a FutureWarning on
+    every config built. Mixed in before `SFTConfig`, this sets `activation_checkpointing=True` instead when the user
+    set neither name, so the warning is left to users who pass the old name themselves.
+    """
+
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (on by default)."}
+    )
+
+    def __post_init__(self):
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = True
+        super().__post_init__()

@@ -14,12 +14,13 @@ from trl_selfdistill import SDFTConfig, SDFTTrainer
 out = Path(sys.argv[1])
 tokenizer = build_tiny_tokenizer()
 dataset = Dataset.from_list(
-    [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i)))} for i in range(8)]
+    [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i + 1)))} for i in range(8)]
 )
 args = SDFTConfig(
     output_dir=str(out / "train"),
     distill_cache_dir=str(out / "cache"),
     distill_generation_kwargs={"max_new_tokens": 6},
+    distill_keep_truncated=True,  # the random tiny model never ends within 6 tokens: keep its rewrites to compare
     distill_batch_size=2,
     max_steps=1,
     per_device_train_batch_size=2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_selfdistill import distill_dataset
+from trl_selfdistill import BUNDLED_MODEL_NAME, distill_dataset, resolve_model_name
 from trl_selfdistill.cache import RowCache
 from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
 from trl_selfdistill.generation import TransformersEngine
@@ -74,3 +74,12 @@ def test_interrupted_rewrite_resumes_without_regenerating(seed_model, tmp_path):
     # A rerun reuses the whole cache.
     rerun = distill_dataset(model, tokenizer, dataset, cache_dir=cache_root, show_progress=False, **REWRITE)
     assert rerun.report["generated"] == 0 and rerun.dataset["completion"] == resumed.dataset["completion"]
+
+
+def test_the_bundled_model_by_name_outside_the_trainers(bundled_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(BUNDLED_MODEL_NAME))
+    dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
+    result = distill_dataset(BUNDLED_MODEL_NAME, tokenizer, dataset, cache_dir=tmp_path, show_progress=False,
+                             **{**REWRITE, "generation_kwargs": {"max_new_tokens": 16}})  # fmt: skip
+    assert result.report["generated"] == 2 and result.report["engine"] == "transformers"
+    assert all(entry["rewrite"] for entry in result.rows)  # the model itself rewrote both, loaded from the name

@@ -30,11 +30,11 @@ def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_
 
     # Sharding changes nothing: one process with the same seed and batches writes the same rewrites.
     dataset = Dataset.from_list(
-        [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i)))} for i in range(8)]
+        [{"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i + 1)))} for i in range(8)]
     )
     single = distill_dataset(
         make_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, generation_kwargs={"max_new_tokens": 6},
-        batch_size=2, cache_dir=tmp_path / "single", show_progress=False,
+        keep_truncated=True, batch_size=2, cache_dir=tmp_path / "single", show_progress=False,
     )  # fmt: skip
     trained_on = [c.removesuffix(tiny_tokenizer.eos_token) for c in ranks[0]["completions"]]
-    assert trained_on == single.dataset["completion"]
+    assert trained_on == single.dataset["completion"] != dataset["completion"]

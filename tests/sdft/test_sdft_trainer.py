@@ -12,9 +12,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
+from trl_selfdistill.sdft.outputs import DISTILLED_DATASET_FILE, REPORT_FILE
 from trl_selfdistill.sdft.rewrite import engine_from_config
 from trl_selfdistill.sdft.spec import DistillSpec
-from trl_selfdistill.sdft.trainer import DISTILLED_DATASET_FILE, REPORT_FILE
 
 
 def arithmetic_dataset(n: int = 6) -> Dataset:
@@ -26,6 +26,7 @@ def sdft_config(tmp_path, **overrides) -> SDFTConfig:
         output_dir=str(tmp_path / "out"),
         distill_cache_dir=str(tmp_path / "cache"),
         distill_generation_kwargs={"max_new_tokens": 8},
+        distill_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
         distill_batch_size=4,
         max_steps=3,
         per_device_train_batch_size=2,
@@ -84,7 +85,7 @@ def test_lora_trains_on_the_distilled_targets(tmp_path, tiny_tokenizer, make_tin
 
     trainer.create_model_card()  # also what `push_to_hub` and every checkpoint do
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "SDFT distillation report" in card and f"rewrote {len(dataset)} responses" in card
+    assert "SDFT distillation report" in card and f"rewrote {len(dataset)} of the {len(dataset)} responses" in card
 
 
 def test_rejected_rewrites_fall_back_to_the_reference(tmp_path, tiny_tokenizer, make_tiny_llama):
@@ -118,6 +119,7 @@ def test_messages_rewrite_every_assistant_turn(tmp_path, tiny_tokenizer, make_ti
         tiny_tokenizer,
         dataset,
         generation_kwargs={"max_new_tokens": 6},
+        keep_truncated=True,  # a random tiny model never ends a rewrite within 6 tokens
         cache_dir=tmp_path,
         show_progress=False,
     )
@@ -242,6 +244,7 @@ def test_bad_input_fails_at_construction_before_loading(tmp_path, tiny_tokenizer
 
 
 def test_no_chat_template_fails_at_construction(tmp_path, make_tiny_tokenizer):
+    (tmp_path / "never-loaded").mkdir()  # an existing directory with no weights: the error must come before loading
     with pytest.raises(ValueError, match="chat template"):
         SDFTTrainer(
             model=str(tmp_path / "never-loaded"),

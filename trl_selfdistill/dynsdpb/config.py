@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ..utils import CheckpointingByItsNewName
 from .sampler import reuse_count_for
 from .schedule import DISTILL_MODES
 
@@ -15,7 +16,7 @@ CACHE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
-class DynSDPBConfig(SFTConfig):
+class DynSDPBConfig(CheckpointingByItsNewName, SFTConfig):
     r"""
     Configuration class for the [`DynSDPBTrainer`]: dynamic self-distillation from the previous mini-batch
     (Fu et al., 2024, [arXiv 2411.16991](https://huggingface.co/papers/2411.16991)), built on DLB (Shen et al., CVPR

@@ -14,6 +14,8 @@ of tokens at a time, so that no full logits tensor ever exists (head.py, losses.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import textwrap
 from typing import Any, NamedTuple
 
@@ -23,9 +25,13 @@ from datasets import Dataset
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import SFTTrainer
 
+from ..model_card import dynsdpb_settings_section, write_model_card
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import DynSDPBConfig
@@ -119,6 +125,7 @@ class DynSDPBTrainer(SFTTrainer):
         add_distillation_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         # A frozen output layer turns the same hidden states into the same logits one step later: cache the former.
         self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype), not output_layer_is_trained)
+        self._step_sums: tuple[int, dict[str, list[float]]] = (-1, {})  # step, name -> [sum, weight] (metrics)
         # An overridden weighting rule is tried now, on two made-up samples, rather than at the second step.
         self._checked_weights(SampleStatistics(torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.1])))
 
@@ -256,7 +263,7 @@ class DynSDPBTrainer(SFTTrainer):
         loss = (ce_sum + distill_sum) / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the token count spans all ranks
-        self._record_metrics(inputs, outputs, ce_sum, distill_sum, rows, weights)
+        self._record_metrics(inputs, outputs, ce_sum, distill_sum, rows, weights, num_tokens, num_items_in_batch)
         return loss
 
     def _distillation_inputs(self, rows: _Rows) -> tuple[DistillationInputs, torch.Tensor]:
@@ -311,55 +318,182 @@ class DynSDPBTrainer(SFTTrainer):
         for row, row_states, row_statistics in zip(new, states.split(counts), statistics, strict=True):
             self.teacher_cache.put(rows.indices[row], row_states, row_statistics)
 
-    def _record_metrics(self, inputs, outputs, ce_sum, distill_sum, rows: _Rows, weights: torch.Tensor) -> None:
-        """Sums gathered over processes, then turned into the means that appear in the logs."""
+    def _record_metrics(
+        self, inputs, outputs, ce_sum, distill_sum, rows: _Rows, weights: torch.Tensor, num_tokens, num_items_in_batch
+    ) -> None:
+        """Adds this micro-batch to its optimizer step's sums, gathered over processes, and logs the step's means.
+
+        Each metric holds one entry per optimizer step, which `SFTTrainer.log` averages: as `Trainer` does for `loss`.
+        Within a step, the per-token metrics (`ce_loss`, `distill/loss`, `mean_token_accuracy`, `entropy`) are
+        weighted exactly as the loss is: each micro-batch's sum is divided by what `compute_loss` divides it by (the
+        step's response tokens), then by the accumulation steps if `training_step` does so, and averaged over
+        processes; so `loss == ce_loss + distill/loss`. The per-sample means are weighted by their samples.
+        """
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:  # `Trainer.training_step`'s rule
+            scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         with torch.no_grad():
-            zero = ce_sum.new_zeros(())
+            zero = ce_sum.new_zeros(()).float()
+            scale = 1 / (zero + torch.as_tensor(num_tokens).to(zero.device)).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                scale = scale * self.accelerator.num_processes  # as `compute_loss` scales the loss
+            if not scaled_for_ga:  # only set during `train`; a direct `compute_loss` call is not divided
+                scale = scale / getattr(self, "current_gradient_accumulation_steps", 1)
             sums = torch.stack(
                 [
-                    ce_sum.detach(),
-                    zero + outputs.log_probs.numel(),
-                    outputs.is_top1.sum().float(),
-                    outputs.entropy.sum(),
-                    distill_sum.detach(),
+                    ce_sum.detach().float() * scale,
+                    distill_sum.detach().float() * scale,
+                    outputs.is_top1.sum().float() * scale,
+                    outputs.entropy.sum().float() * scale,
                     zero + weights.shape[0],
                     zero + len(rows.indices),
                     zero + inputs["attention_mask"].sum(),
-                    *weights.to(zero.device).sum(0),
+                    *weights.to(zero.device).float().sum(0),
                 ]
-            ).float()
+            )
             gathered = self.accelerator.gather(sums[None]).sum(0).tolist()
-        ce, tokens, correct, entropy, distill, distilled, batch_rows, seen, *dynamics = gathered
+        ce, distill, correct, entropy, distilled, batch_rows, seen, *dynamics = gathered
         self._total_train_tokens += int(seen)
         metrics = self._metrics["train"]
         metrics["num_tokens"] = [self._total_train_tokens]
-        metrics["ce_loss"].append(ce / max(tokens, 1))
-        metrics["mean_token_accuracy"].append(correct / max(tokens, 1))
-        metrics["entropy"].append(entropy / max(tokens, 1))
-        metrics["distill/loss"].append(distill / max(tokens, 1))
-        metrics["distill/reused_fraction"].append(distilled / max(batch_rows, 1))
+        # `Trainer` logs the mean over processes of each process's loss, hence the division.
+        processes = self.accelerator.num_processes
+        entries = [
+            ("ce_loss", ce / processes, None),
+            ("distill/loss", distill / processes, None),
+            ("mean_token_accuracy", correct / processes, None),
+            ("entropy", entropy / processes, None),
+            ("distill/reused_fraction", distilled, batch_rows),
+        ]
         if distilled > 0:
-            for name, value in zip(("uncertainty", "discrimination", "alpha", "temperature"), dynamics, strict=True):
-                metrics[f"distill/mean_{name}"].append(value / distilled)
+            names = (f"distill/mean_{name}" for name in ("uncertainty", "discrimination", "alpha", "temperature"))
+            entries += [(name, value, distilled) for name, value in zip(names, dynamics, strict=True)]
+        if self._step_sums[0] != self.state.global_step:
+            self._step_sums = (self.state.global_step, {})
+        step_sums = self._step_sums[1]
+        for name, value, weight in entries:
+            seen_this_step = name in step_sums
+            total = step_sums.setdefault(name, [0.0, 0.0])
+            total[0] += value
+            total[1] += weight or 0.0
+            mean = total[0] if weight is None else total[0] / max(total[1], 1)  # the former are already per token
+            if seen_this_step and metrics[name]:
+                metrics[name][-1] = mean  # the step's entry so far
+            else:
+                metrics[name].append(mean)
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        # `Trainer` writes into the final `checkpoint-N` folder and `trainer_state.json` last, so that file marks a
+        # complete checkpoint: each process's teacher cache is written, whole, before `Trainer` starts.
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(checkpoint, exist_ok=True)
         path = os.path.join(checkpoint, TEACHER_CACHE_FILE.format(rank=self.accelerator.process_index))
-        torch.save(self.teacher_cache.state_dict(), path)
+        temporary = f"{path}.tmp"
+        with open(temporary, "wb") as file:
+            torch.save(self.teacher_cache.state_dict(), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)  # atomic: a stopped save leaves no cut file under the real name
+        self.accelerator.wait_for_everyone()  # process 0 writes `trainer_state.json` only once every cache is saved
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not os.path.isdir(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # Trainer's own "no checkpoint" error
+        # Checked before anything is loaded: a broken checkpoint stops the run instead of silently changing its losses.
+        path, state = self._read_teacher_cache(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, TEACHER_CACHE_FILE.format(rank=self.accelerator.process_index))
-        if os.path.isfile(path):
+        self.teacher_cache.load_state_dict(state, output_layer(self.model).weight.device, source=path)
+
+    def _read_teacher_cache(self, checkpoint: str) -> tuple[str, dict]:
+        """This process's teacher cache in `checkpoint`, checked to belong to it; a clear error if it cannot."""
+        rank = self.accelerator.process_index
+        path = os.path.join(checkpoint, TEACHER_CACHE_FILE.format(rank=rank))
+        try:
+            step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
+        except (OSError, ValueError, TypeError) as error:  # missing, cut (JSONDecodeError) or not a trainer state
+            raise _unusable_checkpoint(
+                checkpoint, _step_of(checkpoint), rank,
+                f"its {TRAINER_STATE_NAME}, which `Trainer` writes last, is missing or unreadable "
+                f"({_first_line(error)}), so the run was stopped while saving it",
+            ) from error  # fmt: skip
+        if not os.path.isfile(path):
+            raise _unusable_checkpoint(
+                checkpoint, step, rank,
+                f"{path} is missing (the run was stopped before saving it, or the checkpoint was not written by "
+                "DynSDPBTrainer), so the re-used samples of the next step would train without distillation",
+            )  # fmt: skip
+        try:
             state = torch.load(path, weights_only=True)
-            self.teacher_cache.load_state_dict(state, output_layer(self.model).weight.device, source=path)
-        else:
-            logger.warning(
-                f"{path} not found: resuming without the previous step's predictions, so the first re-used samples "
-                "are trained without distillation."
-            )
+        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+            raise _unusable_checkpoint(
+                checkpoint, step, rank, f"{path} is cut short or damaged ({_first_line(error)})"
+            ) from error
+        if not isinstance(state, dict) or not {"step", "kind", "entries"} <= state.keys():
+            raise _unusable_checkpoint(checkpoint, step, rank, f"{path} is not a DynSDPB teacher cache")
+        # The cache of the checkpoint at step N holds what step N's forward passes (counted from 0: N - 1) wrote.
+        saved_at = None if state["step"] is None else state["step"] + 1
+        if saved_at != step:
+            raise _unusable_checkpoint(
+                checkpoint, step, rank,
+                f"{path} was saved at step {saved_at}, not at the checkpoint's step {step} (a stale file), so it "
+                "does not hold the predictions the next step distils from",
+            )  # fmt: skip
+        return path, state
+
+    # ------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """Writes the whole card, DynSDPB settings included, into `output_dir` (also run by `push_to_hub`)."""
+        section = dynsdpb_settings_section(self.args)
+        write_model_card(self, self.args.output_dir, section, model_name, dataset_name, tags)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # Internal saves are checkpoints and `push_to_hub`'s, which writes the card itself. Written after the weights,
+        # it replaces the blank README.md of PEFT's `save_pretrained`.
+        if not _internal_call:
+            write_model_card(self, output_dir or self.args.output_dir, dynsdpb_settings_section(self.args))
+
+
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _step_of(checkpoint: str) -> int | None:
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _unusable_checkpoint(checkpoint: str, step: int | None, rank: int, problem: str) -> ValueError:
+    """The error for a checkpoint that cannot resume exactly, with the way out: an earlier checkpoint, or none."""
+    checkpoint = os.path.normpath(checkpoint)
+    number = _step_of(checkpoint) if _step_of(checkpoint) is not None else step
+    previous = None if number is None else _previous_checkpoint(checkpoint, number, rank)
+    if previous is not None:
+        fix = (
+            f"Resume from the previous checkpoint instead, `resume_from_checkpoint='{previous}'`, or delete "
+            f"{checkpoint} so that `resume_from_checkpoint=True` picks {os.path.basename(previous)}."
+        )
+    else:
+        fix = f"There is no complete earlier checkpoint next to it: delete {checkpoint} and train from the start."
+    at = "" if step is None else f" (step {step})"
+    return ValueError(f"Cannot resume exactly from {checkpoint}{at}: {problem}. {fix}")
+
+
+def _previous_checkpoint(checkpoint: str, number: int, rank: int) -> str | None:
+    """The newest checkpoint before step `number` next to `checkpoint` with a trainer state and this rank's cache."""
+    parent, complete = os.path.dirname(checkpoint), {}
+    for name in os.listdir(parent or "."):
+        folder, step = os.path.join(parent, name), _step_of(name)
+        required = (TRAINER_STATE_NAME, TEACHER_CACHE_FILE.format(rank=rank))
+        if step is not None and step < number and all(os.path.isfile(os.path.join(folder, f)) for f in required):
+            complete[step] = folder
+    return complete[max(complete)] if complete else None
 
 
 class _Rows(NamedTuple):

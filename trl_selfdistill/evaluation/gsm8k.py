@@ -87,8 +87,8 @@ def evaluate_gsm8k(
     generations = [""] * len(prompts)
     with tqdm(total=len(prompts), desc="GSM8K", disable=not show_progress) as progress:
         for group in engine.generate(prompts, greedy, seeds=[0] * len(prompts)):
-            for index, text in group:
-                generations[index] = text
+            for completion in group:
+                generations[completion.index] = completion.text
             progress.update(len(group))
 
     outputs = [

@@ -1,7 +1,7 @@
 """Generation engines behind the SDFT rewrite and the evaluation probes: in process, or on a server."""
 
-from .base import GenerationEngine
+from .base import Completion, GenerationEngine
 from .local import TransformersEngine
 from .server import ServerEngine, ServerError
 
-__all__ = ["GenerationEngine", "ServerEngine", "ServerError", "TransformersEngine"]
+__all__ = ["Completion", "GenerationEngine", "ServerEngine", "ServerError", "TransformersEngine"]

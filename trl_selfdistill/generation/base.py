@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+class Completion(NamedTuple):
+    """One finished prompt: its index in the prompts, the text, and whether `max_new_tokens` cut it."""
+
+    index: int
+    text: str
+    truncated: bool  # stopped at `max_new_tokens` instead of at an end token
 
 
 class GenerationEngine(Protocol):
@@ -18,8 +26,8 @@ class GenerationEngine(Protocol):
 
     def generate(
         self, prompts: list[str], decoding: Mapping[str, Any], seeds: list[int]
-    ) -> Iterator[list[tuple[int, str]]]:
-        """Yields groups of `(index into prompts, completion)` as they finish, in any order.
+    ) -> Iterator[list[Completion]]:
+        """Yields groups of [`Completion`] as they finish, in any order.
 
         The caller saves each group before asking for the next, so a group is what a failure may lose.
 

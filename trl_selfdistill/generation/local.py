@@ -17,6 +17,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .base import Completion
+
 logger = logging.get_logger(__name__)
 
 # `"auto"` without an accelerator: on 2 CPU cores batch 16 was the fastest measured (benchmarks/rewrite_throughput.py);
@@ -68,6 +70,7 @@ class TransformersEngine:
         self.static_cache = _device_of(model).type == "cuda" if static_cache == "auto" else bool(static_cache)
         self.compile = compile
         self.pad_token_id = pad_token_id
+        self._fitting_tokens = 0  # with "auto", the tokens of the batch that fitted after running out of memory
 
     def identity(self) -> dict[str, Any]:
         """The seed weights, identified cheaply: name, class, size and a strided sample of a few tensors."""
@@ -86,40 +89,47 @@ class TransformersEngine:
 
     def generate(
         self, prompts: list[str], decoding: Mapping[str, Any], seeds: list[int]
-    ) -> Iterator[list[tuple[int, str]]]:
+    ) -> Iterator[list[Completion]]:
         if not prompts:
             return
         token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
-        batch_size = self._initial_batch_size(len(token_ids[order[0]]), decoding, len(prompts))
+        batch_size = self.planned_batch_size(len(token_ids[order[0]]), decoding, len(prompts))
         start = 0
         while start < len(order):
             batch = order[start : start + batch_size]
             try:
-                texts = self._generate_batch([token_ids[i] for i in batch], decoding, seeds[batch[0]])
+                completions = self._generate_batch([token_ids[i] for i in batch], decoding, seeds[batch[0]])
             except torch.OutOfMemoryError:
                 if self.batch_size != "auto" or batch_size == 1:
                     raise
                 batch_size //= 2
+                self._fitting_tokens = batch_size * _tokens_per_row(len(token_ids[batch[0]]), decoding)
                 _release_cached_memory()
                 logger.warning(f"Out of memory while rewriting: retrying with batches of {batch_size} prompts.")
                 continue
-            yield list(zip(batch, texts, strict=True))
+            yield [Completion(index, text, cut) for index, (text, cut) in zip(batch, completions, strict=True)]
             start += len(batch)
 
-    def _initial_batch_size(self, longest_prompt: int, decoding: Mapping[str, Any], num_prompts: int) -> int:
+    def planned_batch_size(self, longest_prompt: int, decoding: Mapping[str, Any], num_prompts: int) -> int:
+        """The batch size `generate` starts with on these prompts: `batch_size`, or with `"auto"` what should fit."""
         if self.batch_size != "auto":
             return self.batch_size
+        tokens_per_row = _tokens_per_row(longest_prompt, decoding)
+        # Once out of memory, never start above what then fitted: callers generating block by block pay it once.
+        limit = self._fitting_tokens // tokens_per_row if self._fitting_tokens else MAX_AUTO_BATCH_SIZE
         device = _device_of(self.model)
         if device.type != "cuda":  # no free-memory query elsewhere: the size measured fastest on a CPU
-            return min(CPU_AUTO_BATCH_SIZE, num_prompts)
+            return max(1, min(CPU_AUTO_BATCH_SIZE, num_prompts, limit))
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        tokens_per_row = longest_prompt + int(decoding.get("max_new_tokens") or 512)
         row_bytes = max(tokens_per_row * _kv_cache_bytes_per_token(self.model), 1)
         fitting = int(free_bytes * KV_CACHE_MEMORY_FRACTION // row_bytes)
-        return max(1, min(fitting, MAX_AUTO_BATCH_SIZE, num_prompts))
+        return max(1, min(fitting, MAX_AUTO_BATCH_SIZE, num_prompts, limit))
 
-    def _generate_batch(self, token_ids: list[list[int]], decoding: Mapping[str, Any], seed: int) -> list[str]:
+    def _generate_batch(
+        self, token_ids: list[list[int]], decoding: Mapping[str, Any], seed: int
+    ) -> list[tuple[str, bool]]:
+        """Each row's text, and whether it ran to `max_new_tokens` without an end token."""
         device = _device_of(self.model)
         input_ids, attention_mask = _left_pad(token_ids, self.pad_token_id, device)
         _keep_4bit_weights_trainable(self.model)
@@ -142,7 +152,22 @@ class TransformersEngine:
         finally:
             self.model.train(was_training)
         new_tokens = output[:, input_ids.shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return list(zip(texts, self._cut(new_tokens, decoding), strict=True))
+
+    def _cut(self, new_tokens: torch.Tensor, decoding: Mapping[str, Any]) -> list[bool]:
+        """Rows that never produced an end token (a finished row is padded after it) and filled `max_new_tokens`."""
+        model_config = getattr(self.model, "generation_config", None)
+        stops = {self.pad_token_id}
+        for ids in (
+            decoding.get("eos_token_id"),
+            getattr(model_config, "eos_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
+            stops.update([ids] if isinstance(ids, int) else ids or [])
+        finished = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device)).any(dim=1)
+        limit = decoding.get("max_new_tokens")
+        return [not done and (limit is None or new_tokens.shape[1] >= limit) for done in finished.tolist()]
 
     def _seed_model(self):
         disable_adapter = getattr(self.model, "disable_adapter", None)
@@ -200,6 +225,10 @@ def _left_pad(token_ids: list[list[int]], pad_token_id: int, device: torch.devic
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _tokens_per_row(prompt_tokens: int, decoding: Mapping[str, Any]) -> int:
+    return prompt_tokens + int(decoding.get("max_new_tokens") or 512)
 
 
 def _kv_cache_bytes_per_token(model: PreTrainedModel) -> int:

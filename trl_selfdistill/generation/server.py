@@ -18,7 +18,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .base import bos_added_on_encoding
+from .base import Completion, bos_added_on_encoding
 
 logger = logging.get_logger(__name__)
 
@@ -118,7 +118,7 @@ class ServerEngine:
 
     def generate(
         self, prompts: list[str], decoding: Mapping[str, Any], seeds: list[int]
-    ) -> Iterator[list[tuple[int, str]]]:
+    ) -> Iterator[list[Completion]]:
         fields = completion_fields(decoding)
         sampling = bool(decoding.get("do_sample", False))
         pending: dict[Future, int] = {}
@@ -135,7 +135,7 @@ class ServerEngine:
                 for future in done:
                     index = pending.pop(future)
                     if future.exception() is None:
-                        finished.append((index, future.result()))
+                        finished.append(Completion(index, *future.result()))
                     else:  # send nothing more, but keep what the requests in flight still bring back
                         error = error or future.exception()
                 if finished:
@@ -145,13 +145,15 @@ class ServerEngine:
         finally:  # the caller stopped (Ctrl-C): start nothing more, and do not wait for requests in flight
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _complete(self, prompt: str, fields: dict[str, Any], retries: int | None = None) -> str:
+    def _complete(self, prompt: str, fields: dict[str, Any], retries: int | None = None) -> tuple[str, bool]:
+        """The completion's text, and whether it stopped at `max_tokens` (OpenAI's `finish_reason` "length")."""
         if self._bos_added_by_server:
             prompt = prompt.removeprefix(self._bos_added_by_server)
         body = {"model": self.model, "prompt": prompt, **fields}
         answer = self._request("POST", "/v1/completions", body, retries=retries)
         try:
-            return answer["choices"][0]["text"].strip()
+            choice = answer["choices"][0]
+            return choice["text"].strip(), choice.get("finish_reason") == "length"
         except (KeyError, IndexError, TypeError, AttributeError) as error:
             message = f"{self.url}/v1/completions answered without choices[0].text: {answer!r:.300}"
             raise ServerError(message) from error

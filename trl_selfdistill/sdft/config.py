@@ -7,13 +7,14 @@ from typing import Any
 
 from trl import SFTConfig
 
+from ..utils import CheckpointingByItsNewName
 from .spec import DistillSpec
 
 DISTILL_ENGINES = ("transformers", "server")
 
 
 @dataclass
-class SDFTConfig(SFTConfig):
+class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
     r"""
     Configuration class for the [`SDFTTrainer`]: Self-Distillation Fine-Tuning (Yang et al., ACL 2024,
     [arXiv 2402.13669](https://huggingface.co/papers/2402.13669)).
@@ -37,7 +38,7 @@ class SDFTConfig(SFTConfig):
             passed to `generate`.
         distill_batch_size (`int` or `"auto"`, *optional*, defaults to `"auto"`):
             Prompts generated together per process by the in-process engine. `"auto"` sizes the batch from free GPU
-            memory (64 on a CPU) and halves it on out-of-memory.
+            memory (16 on a CPU) and halves it on out-of-memory.
         distill_engine (`str`, *optional*, defaults to `"transformers"`):
             `"transformers"` generates in process with the seed weights; `"server"` sends the prompts to an
             OpenAI-compatible `/v1/completions` server (vLLM, SGLang, TGI, `transformers serve`) at
@@ -61,6 +62,9 @@ class SDFTConfig(SFTConfig):
             When the training model is quantized (QLoRA), rewrite with the unquantized seed weights, loaded for the
             rewrite and freed before training, if they fit in free memory (otherwise the quantized model rewrites,
             with a warning). These are the true seed model, and they generate faster.
+        distill_keep_truncated (`bool`, *optional*, defaults to `False`):
+            Accept rewrites that stopped at `max_new_tokens` instead of at an end token. By default they fall back to
+            the reference (rejection reason `truncated`): a cut rewrite teaches the model to stop mid-sentence.
         distill_cache_dir (`str`, *optional*):
             Where rewrites are cached as they are produced. Defaults to `$TRL_SELFDISTILL_CACHE/rewrites` (or
             `~/.cache/trl_selfdistill/rewrites`).
@@ -124,6 +128,10 @@ class SDFTConfig(SFTConfig):
     distill_unquantized_seed: bool = field(
         default=False,
         metadata={"help": "Rewrite with the unquantized seed weights when the training model is quantized."},
+    )
+    distill_keep_truncated: bool = field(
+        default=False,
+        metadata={"help": "Accept rewrites cut at max_new_tokens (by default they fall back to the reference)."},
     )
     distill_cache_dir: str | None = field(
         default=None,

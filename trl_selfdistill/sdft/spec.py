@@ -79,6 +79,7 @@ class DistillSpec:
     checker: Checker
     checker_name: str
     decoding: dict[str, Any]  # read, never changed
+    keep_truncated: bool = False  # accept rewrites cut at `max_new_tokens` (by default they fall back)
 
     @classmethod
     def create(
@@ -87,6 +88,7 @@ class DistillSpec:
         template_mode: str = "chat",
         checker: str | Checker = "none",
         generation_kwargs: Mapping[str, Any] | None = None,
+        keep_truncated: bool = False,
     ) -> DistillSpec:
         """Resolves a template name (`"auto"` follows the checker), a checker name and the decoding overrides."""
         if template_mode not in RENDER_MODES:
@@ -98,12 +100,17 @@ class DistillSpec:
             checker=get_checker(checker),
             checker_name=checker_name,
             decoding=resolve_decoding(generation_kwargs),
+            keep_truncated=keep_truncated,
         )
 
     @classmethod
     def from_config(cls, args: SDFTConfig) -> DistillSpec:
         return cls.create(
-            args.distill_template, args.distill_template_mode, args.distill_checker, args.distill_generation_kwargs
+            args.distill_template,
+            args.distill_template_mode,
+            args.distill_checker,
+            args.distill_generation_kwargs,
+            args.distill_keep_truncated,
         )
 
     def render(self, instruction: str, reference: str, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -11,6 +11,11 @@ Supported formats (TRL's dataset formats):
   the paper's prompts) so that one long conversation never makes a prompt too long to generate from.
 
 Plain `text` datasets have no separate response to rewrite and are refused.
+
+Some responses are kept as they are, never sent to the seed model, each counted in the report under its reason
+(`SKIP_REASONS`): an empty reference (a rewrite would invent a response the data does not have) and an assistant turn
+that calls tools (its content is not prose; a rewrite would drop the call). `distill_dataset` adds the reasons that
+need the tokenizer and the model: special-token strings in the text, and prompts too long for the model.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ _FIX_HINT = (
 )
 
 
+# Why a response is kept as it is instead of rewritten; the report counts each as `skipped_<reason>`.
+SKIP_REASONS = ("empty_reference", "tool_call", "special_tokens", "too_long")
+
+
 @dataclass(frozen=True)
 class RewriteTarget:
     """One response to rewrite: where it lives (`row`, `turn`), what it answers and what it says."""
@@ -34,6 +43,17 @@ class RewriteTarget:
     turn: int  # index of the message in `messages`/`completion`, or -1 for a standard completion string
     instruction: str
     reference: str
+    skip: str | None = None  # one of SKIP_REASONS when the response is kept as it is
+
+
+def _target(row: int, turn: int, instruction: str, reference: str, message: dict | None = None) -> RewriteTarget:
+    """A target, marked to be skipped when the data itself says a rewrite would be wrong."""
+    skip = None
+    if message is not None and message.get("tool_calls"):
+        skip = "tool_call"
+    elif not reference.strip():
+        skip = "empty_reference"
+    return RewriteTarget(row, turn, instruction, reference, skip)
 
 
 def dataset_format(dataset: Dataset) -> str:
@@ -98,6 +118,13 @@ def _text(content: object, where: str) -> str:
     return content
 
 
+def _response(message: dict, where: str) -> str:
+    """An assistant message's text; a tool call's content may be missing (it is skipped, not rewritten)."""
+    if message.get("tool_calls") and message.get("content") is None:
+        return ""
+    return _text(message.get("content"), where)
+
+
 def _messages(value: object, where: str) -> list[dict]:
     """`value` checked to be a list of message dicts (not, say, a list of lists)."""
     if not isinstance(value, list):
@@ -117,7 +144,7 @@ def _messages(value: object, where: str) -> list[dict]:
 def _prompt_completion_target(index: int, prompt: object, completion: object) -> RewriteTarget:
     where = f"Row {index}"
     if isinstance(prompt, str) and isinstance(completion, str):
-        return RewriteTarget(index, -1, prompt, completion)
+        return _target(index, -1, prompt, completion)
     if not (isinstance(prompt, list) and isinstance(completion, list)):
         raise ValueError(
             f"{where}: `prompt` and `completion` must both be strings or both be lists of messages, got "
@@ -134,7 +161,7 @@ def _prompt_completion_target(index: int, prompt: object, completion: object) ->
         )
     turn = assistant_turns[0]
     instruction = _text(user_turns[-1]["content"], where)
-    return RewriteTarget(index, turn, instruction, _text(completion[turn]["content"], where))
+    return _target(index, turn, instruction, _response(completion[turn], where), completion[turn])
 
 
 def _messages_targets(index: int, messages: list[dict]) -> list[RewriteTarget]:
@@ -145,7 +172,7 @@ def _messages_targets(index: int, messages: list[dict]) -> list[RewriteTarget]:
         if message.get("role") == "user":
             last_user = _text(message["content"], where)
         elif message.get("role") == "assistant" and last_user is not None:
-            targets.append(RewriteTarget(index, turn, last_user, _text(message["content"], where)))
+            targets.append(_target(index, turn, last_user, _response(message, where), message))
     if not targets:
         raise ValueError(f"{where}: `messages` has no assistant turn that follows a user turn, so nothing to rewrite.")
     return targets

@@ -5,8 +5,7 @@ Not `trl.experimental.sdft` (Shenfeld et al., 2026), an on-policy method that sh
 
 from __future__ import annotations
 
-import json
-import os
+import copy
 import textwrap
 from typing import Any
 
@@ -17,18 +16,17 @@ from trl import SFTTrainer
 
 from ..generation.local import release_unquantized, unquantized_seed_model
 from ..generation.server import completion_fields
+from ..model_card import sdft_report_section, write_model_card
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import SDFTConfig
+from .outputs import REPORT_FILE, ROWS_FILE, rows_cut_by_max_length, save_distillation, warn_cut
 from .rewrite import distill_dataset, engine_from_config
 from .spec import DistillSpec
 from .targets import collect_targets
 from .templates import check_renderable
 
 logger = logging.get_logger(__name__)
-
-DISTILLED_DATASET_FILE = "distilled_dataset.jsonl"
-REPORT_FILE = "distillation_report.json"
 
 
 class SDFTTrainer(SFTTrainer):
@@ -105,14 +103,23 @@ class SDFTTrainer(SFTTrainer):
         check_trainable_dtypes(self.model, uses_grad_scaler=self.accelerator.scaler is not None)
 
         result = self._rewrite(train_dataset)
-        self.distillation_report = result.report
-        self._save_distillation(result.dataset)
-        self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int)})
-
         self._train_dataset_distilled = True
         self.train_dataset = self._prepare_dataset(
             result.dataset, self.processing_class, args, args.packing, None, "train"
         )
+        cut = self._cut_by_max_length
+        self.distillation_report = {
+            **result.report,
+            "truncated_by_max_length": len(cut["truncated"]),
+            "dropped_by_max_length": len(cut["dropped"]),
+        }
+        for entry in result.rows:
+            entry["sft_truncated"], entry["sft_dropped"] = (
+                entry["row"] in cut["truncated"],
+                entry["row"] in cut["dropped"],
+            )
+        self._save_distillation(result.dataset, result.rows)
+        self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int)})
 
     def _rewrite(self, train_dataset: Dataset):
         """The seed model rewrites the training set: on the server, with the unquantized weights, or in process."""
@@ -172,31 +179,31 @@ class SDFTTrainer(SFTTrainer):
         # the rewrite is done. Evaluation sets are never rewritten.
         if dataset_name == "train" and not self._train_dataset_distilled:
             return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if dataset_name != "train":
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        # Tokenized first without `max_length`, to count the rows it cuts, then truncated (and packed) as SFT does.
+        uncut_args = copy.copy(args)
+        uncut_args.max_length, uncut_args.packing, uncut_args.shuffle_dataset = None, False, False
+        tokenized = super()._prepare_dataset(dataset, processing_class, uncut_args, False, formatting_func, "train")
+        self._cut_by_max_length = rows_cut_by_max_length(tokenized["labels"], args)
+        warn_cut(self._cut_by_max_length, len(tokenized), args.max_length)
+        return super()._prepare_dataset(tokenized, processing_class, args, packing, None, dataset_name)
 
-    def _save_distillation(self, dataset: Dataset) -> None:
-        if not self.is_world_process_zero():
-            return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        dataset.to_json(os.path.join(self.args.output_dir, DISTILLED_DATASET_FILE), lines=True)
-        with open(os.path.join(self.args.output_dir, REPORT_FILE), "w", encoding="utf-8") as file:
-            json.dump(self.distillation_report, file, indent=2, default=str)
+    def _save_distillation(self, dataset: Dataset, rows: list[dict]) -> None:
+        if self.is_world_process_zero():
+            save_distillation(self.args.output_dir, dataset, self.distillation_report, rows)
 
+    # ------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        report = self.distillation_report
-        rules = ", ".join(
-            f"{k.removeprefix('rejected_')}: {v}" for k, v in report.items() if k.startswith("rejected_")
-        )
-        section = (
-            "\n## SDFT distillation report\n\n"
-            f"The seed model rewrote {report['total']} responses ({report['rows']} rows) with the "
-            f"`{report['template']}` template ({report['template_mode']} mode) and the `{report['checker']}` checker: "
-            f"{report['accepted']} rewrites accepted, {report['fallback']} fell back to the reference"
-            f"{f' (rejected by {rules})' if rules else ''}.\n\n"
-            f"```json\n{json.dumps(report, indent=2, default=str)}\n```\n"
-        )
-        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as file:
-            file.write(section)
+        """Writes the whole card, distillation report included, into `output_dir` (also run by `push_to_hub`)."""
+        write_model_card(self, self.args.output_dir, self._model_card_section(), model_name, dataset_name, tags)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # Internal saves are checkpoints and `push_to_hub`'s, which writes the card itself. Written after the weights,
+        # it replaces the blank README.md of PEFT's `save_pretrained`.
+        if not _internal_call:
+            write_model_card(self, output_dir or self.args.output_dir, self._model_card_section())
+
+    def _model_card_section(self) -> str:
+        return sdft_report_section(self.distillation_report, ROWS_FILE, REPORT_FILE)
