@@ -39,6 +39,10 @@ class SDFTScriptArguments(ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training rows (quick runs and demos)."}
     )
+    gsm8k_style: str = field(
+        default="raw",
+        metadata={"help": "Raw GSM8K answers: `raw` (as on the Hub) or `official` (the SDFT code's preparation)."},
+    )
     eval_gsm8k_samples: int = field(
         default=0,
         metadata={"help": "If > 0, GSM8K accuracy of the model before and after training on this many held-out rows."},
@@ -74,6 +78,7 @@ def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args
         split=script_args.dataset_train_split,
         config=script_args.dataset_config,
         max_samples=script_args.max_train_samples,
+        gsm8k_style=script_args.gsm8k_style,
     )
 
     trainer = SDFTTrainer(

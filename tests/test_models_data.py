@@ -192,6 +192,37 @@ def test_gsm8k_to_prompt_completion():
     assert converted[0]["id"] == 7
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gsm8k_official_style_on_the_bundled_rows(split):
+    from trl_selfdistill.sdft.checkers import extract_last_number, math_checker
+
+    raw = bundled_gsm8k(split)
+    prepared = gsm8k_to_prompt_completion(raw, style="official")
+    for row, converted in zip(raw, prepared, strict=True):
+        answer = converted["completion"][0]["content"]
+        final = row["answer"].rsplit("#### ", 1)[1].strip()
+        assert "<<" not in answer and ">>" not in answer and "####" not in answer
+        assert answer.splitlines()[-1] == f"The answer is {final}."
+        assert extract_last_number(answer) == extract_last_number(row["answer"])
+        assert math_checker(answer, row["answer"], {})
+        assert converted["prompt"] == [{"role": "user", "content": row["question"]}]
+
+
+def test_gsm8k_style_default_is_raw_and_unknown_styles_fail():
+    raw = bundled_gsm8k("train", n=2)
+    assert gsm8k_to_prompt_completion(raw)["completion"] == gsm8k_to_prompt_completion(raw, style="raw")["completion"]
+    first = load_task_dataset(BUNDLED_GSM8K_NAME, max_samples=1, gsm8k_style="official")[0]
+    # The first row of the official data/gsm8k/gsm8k_train.json (sail-sg/sdft), verbatim.
+    assert first["completion"][0]["content"] == (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n"
+        "The answer is 72."
+    )
+    with pytest.raises(ValueError, match="official"):
+        gsm8k_to_prompt_completion(raw, style="hub")
+    with pytest.raises(ValueError, match="official"):
+        load_task_dataset(BUNDLED_GSM8K_NAME, gsm8k_style="hub")
+
+
 def test_gsm8k_to_prompt_completion_missing_columns():
     with pytest.raises(ValueError, match="question"):
         gsm8k_to_prompt_completion(Dataset.from_list([{"prompt": "x", "completion": "y"}]))

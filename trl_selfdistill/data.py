@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -14,6 +15,10 @@ BUNDLED_GSM8K_NAME = "bundled/gsm8k"
 
 _BUNDLED_GSM8K_FILES = {"train": "gsm8k_train_sample.jsonl", "test": "gsm8k_test_sample.jsonl"}
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+GSM8K_STYLES = ("raw", "official")
+"""Answer styles of :func:`gsm8k_to_prompt_completion`: the Hub rows as they are, or the official SDFT preparation."""
+_CALCULATOR_ANNOTATION = re.compile(r"<<.*?>>")
+_FINAL_ANSWER = re.compile(r"\n#### (.*)$")
 
 
 def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
@@ -32,31 +37,55 @@ def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
     return dataset
 
 
-def _to_prompt_completion(row: dict) -> dict:
+def official_gsm8k_answer(answer: str) -> str:
+    """A raw GSM8K answer as the official SDFT data has it (sail-sg/sdft, ``data/gsm8k/gsm8k_*.json``).
+
+    The ``<<48/2=24>>`` calculator annotations are removed and the final ``#### N`` line becomes
+    ``The answer is N.`` (N verbatim, e.g. ``2,125``); the official repository ships the prepared files, not
+    the script, and this reproduces them exactly on the bundled rows.
+    """
+    answer = _CALCULATOR_ANNOTATION.sub("", answer)
+    return _FINAL_ANSWER.sub(lambda match: f"\nThe answer is {match.group(1).strip()}.", answer)
+
+
+def _to_prompt_completion(row: dict, style: str = "raw") -> dict:
+    answer = official_gsm8k_answer(row["answer"]) if style == "official" else row["answer"]
     return {
         "prompt": [{"role": "user", "content": row["question"]}],
-        "completion": [{"role": "assistant", "content": row["answer"]}],
+        "completion": [{"role": "assistant", "content": answer}],
     }
 
 
-def gsm8k_to_prompt_completion(dataset: Dataset) -> Dataset:
+def gsm8k_to_prompt_completion(dataset: Dataset, style: str = "raw") -> Dataset:
     """Map raw GSM8K rows (``question``, ``answer``) to TRL's conversational prompt-completion format.
 
     ``prompt = [{"role": "user", "content": question}]`` and
     ``completion = [{"role": "assistant", "content": answer}]``; the raw columns are removed, any other
-    column is kept.
+    column is kept. ``style="raw"`` keeps the Hub answer as it is; ``style="official"`` prepares it as the
+    official SDFT code did (:func:`official_gsm8k_answer`: no ``<<...>>`` annotations, ``The answer is N.``).
     """
+    if style not in GSM8K_STYLES:
+        raise ValueError(f"Unknown GSM8K style {style!r}; expected one of {list(GSM8K_STYLES)}.")
     missing = {"question", "answer"} - set(dataset.column_names)
     if missing:
         raise ValueError(
             f"gsm8k_to_prompt_completion needs the columns 'question' and 'answer'; missing {sorted(missing)} "
             f"(dataset has {dataset.column_names})."
         )
-    return dataset.map(_to_prompt_completion, remove_columns=["question", "answer"], desc="GSM8K to prompt-completion")
+    return dataset.map(
+        _to_prompt_completion,
+        fn_kwargs={"style": style},
+        remove_columns=["question", "answer"],
+        desc="GSM8K to prompt-completion",
+    )
 
 
 def load_task_dataset(
-    name_or_path: str, split: str = "train", config: str | None = None, max_samples: int | None = None
+    name_or_path: str,
+    split: str = "train",
+    config: str | None = None,
+    max_samples: int | None = None,
+    gsm8k_style: str = "raw",
 ) -> Dataset:
     """Load a task dataset by name or path and return it ready for training.
 
@@ -66,9 +95,11 @@ def load_task_dataset(
       directory written by ``save_to_disk``;
     - anything else: ``datasets.load_dataset(name_or_path, config, split=split)`` from the Hub.
 
-    Raw GSM8K rows (``question``/``answer`` columns) are converted with :func:`gsm8k_to_prompt_completion`;
-    ``max_samples`` keeps only the first rows.
+    Raw GSM8K rows (``question``/``answer`` columns) are converted with :func:`gsm8k_to_prompt_completion`
+    in ``gsm8k_style`` (``"raw"`` or ``"official"``); ``max_samples`` keeps only the first rows.
     """
+    if gsm8k_style not in GSM8K_STYLES:  # checked up front: a typo should not wait for the download
+        raise ValueError(f"Unknown GSM8K style {gsm8k_style!r}; expected one of {list(GSM8K_STYLES)}.")
     if name_or_path == BUNDLED_GSM8K_NAME:
         dataset = bundled_gsm8k(split)
     elif os.path.exists(name_or_path):
@@ -92,5 +123,5 @@ def load_task_dataset(
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if {"question", "answer"} <= set(dataset.column_names):
-        dataset = gsm8k_to_prompt_completion(dataset)
+        dataset = gsm8k_to_prompt_completion(dataset, style=gsm8k_style)
     return dataset

@@ -235,6 +235,12 @@ def sdft_report_section(report: dict[str, Any], rows_file: str, report_file: str
         f"mode) and the `{report['checker']}` checker: {report['accepted']} rewrites accepted, {report['fallback']} "
         f"fell back to the reference{f' (rejected by {rules})' if rules else ''}{kept}.{cut_text}"
     )
+    if "seed_nll_reference" in report:  # the distribution gap the method is named after
+        summary += (
+            f" The seed model's mean negative log-likelihood per response token went from "
+            f"{report['seed_nll_reference']} on the references to {report['seed_nll_distilled']} on what was "
+            "trained on: the lower, the closer the training targets are to its own distribution."
+        )
     # Integer counts only: the rest are settings, and `cache_dir` is a local path.
     counts = [(key, value) for key, value in report.items() if isinstance(value, int) and not isinstance(value, bool)]
     table = "\n".join(f"| `{key}` | {value} | {_SDFT_COUNTS.get(key, '')} |" for key, value in counts)

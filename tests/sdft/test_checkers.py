@@ -7,6 +7,8 @@ import pytest
 from trl_selfdistill.sdft.checkers import (
     BANNED_PHRASES,
     CHECKERS,
+    EXTRA_BANNED_PHRASES,
+    OFFICIAL_BANNED_PHRASES,
     accept_all,
     code_checker,
     contains_banned_phrase,
@@ -54,6 +56,21 @@ def test_extract_last_number(text, expected):
 )
 def test_extract_last_number_none(text):
     assert extract_last_number(text) is None
+
+
+def test_extract_last_number_reads_a_unicode_minus_as_a_sign():
+    # Deviation from the official regex (ASCII "-" only), which read "\u22125" as 5.
+    assert extract_last_number("so the total is \u22125") == -5
+    assert extract_last_number("The answer is \u22121,200.") == -1200
+    assert math_checker("The change is \u22125 degrees.", "#### -5", {})
+    assert not math_checker("The change is \u22125 degrees.", "#### 5", {})
+    # An en dash is a range, not a sign: "3\u20135" still ends with 5.
+    assert extract_last_number("between 3\u20135 apples") == 5
+
+
+def test_extract_last_number_on_official_gsm8k_references():
+    assert extract_last_number("The answer is 72.") == 72
+    assert extract_last_number("so 2,125 in all.\nThe answer is 2,125.") == 2125
 
 
 # ---------------------------------------------------------------- math
@@ -149,14 +166,38 @@ def test_accept_all():
 # ---------------------------------------------------------------- banned phrases
 
 
-def test_banned_phrases_are_the_official_ones():
-    assert set(BANNED_PHRASES) == {
+def test_banned_phrases_are_the_official_ones_plus_the_documented_extra():
+    assert set(OFFICIAL_BANNED_PHRASES) == {
         "reference answer",
         "your response",
         "my response",
         "your own response",
         "now it's your turn",
     }
+    assert EXTRA_BANNED_PHRASES == ("reference solution",)
+    assert BANNED_PHRASES == OFFICIAL_BANNED_PHRASES + EXTRA_BANNED_PHRASES
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        "Following the reference solution, 48/2 = 24 and 48 + 24 = 72. The answer is 72.",
+        "As the Reference Solution shows, the answer is 72.",
+        "The reference solution is right: 72.",
+    ],
+)
+def test_rewrites_citing_the_reference_solution_are_rejected(rewrite):
+    assert rejection_reason(rewrite, "#### 72", {}, math_checker) == "banned_phrase"
+
+
+@pytest.mark.parametrize("phrase", OFFICIAL_BANNED_PHRASES)
+def test_official_phrases_are_still_rejected(phrase):
+    assert rejection_reason(f"So, {phrase}: the answer is 72.", "#### 72", {}, math_checker) == "banned_phrase"
+
+
+def test_a_bare_reference_is_not_banned():
+    # Deliberately narrow: "the reference" alone also names ordinary things.
+    assert rejection_reason("Take the reference point at 0; the answer is 72.", "#### 72", {}, math_checker) is None
 
 
 @pytest.mark.parametrize("phrase", BANNED_PHRASES)

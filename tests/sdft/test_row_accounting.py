@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
@@ -201,3 +202,37 @@ def test_a_checker_that_raises_names_the_row_and_the_rewrite_and_loses_nothing(
                         **REWRITE)  # fmt: skip
     fixed = distill_dataset(model, tiny_tokenizer, dataset, keep_truncated=True, cache_dir=tmp_path, **REWRITE)
     assert fixed.report["generated"] == 0 and fixed.report["from_cache"] == 4
+
+
+def test_the_distribution_gap_matches_a_hand_computation(tmp_path, tiny_tokenizer, make_tiny_llama):
+    model = make_tiny_llama(tiny_tokenizer)
+    completions = ["It is 2.", "It is 4, since 2 and 2 make 4.", "", "6"]  # the blank one is skipped, not scored
+    dataset = Dataset.from_list(
+        [{"prompt": f"What is {i} plus {i}?", "completion": c} for i, c in enumerate(completions)]
+    )
+    result = distill_dataset(model, tiny_tokenizer, dataset, keep_truncated=True, cache_dir=tmp_path, **REWRITE)
+    trained_on = result.dataset["completion"]
+
+    def by_hand(pairs) -> float:  # one row at a time, no padding: summed NLL of response + end token / their count
+        total, count = 0.0, 0
+        for instruction, response in pairs:
+            prompt = tiny_tokenizer.apply_chat_template(
+                [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+            )
+            prompt_ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            target = tiny_tokenizer(response, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+            ids = torch.tensor([prompt_ids + target])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+            positions = range(len(prompt_ids) - 1, ids.shape[1] - 1)
+            total -= sum(log_probs[p, ids[0, p + 1]].item() for p in positions)
+            count += len(target)
+        return total / count
+
+    kept = [i for i, c in enumerate(completions) if c.strip()]
+    assert result.report["accepted"] == len(kept)  # every rewrite kept, so "after" scores the rewrites
+    before = by_hand([(dataset["prompt"][i], completions[i]) for i in kept])
+    after = by_hand([(dataset["prompt"][i], trained_on[i]) for i in kept])
+    assert result.report["seed_nll_reference"] == pytest.approx(before, abs=2e-4)
+    assert result.report["seed_nll_distilled"] == pytest.approx(after, abs=2e-4)
+    assert before != pytest.approx(after, abs=1e-3)  # the rewrite changed what is scored

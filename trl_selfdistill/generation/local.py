@@ -132,25 +132,19 @@ class TransformersEngine:
         """Each row's text, and whether it ran to `max_new_tokens` without an end token."""
         device = _device_of(self.model)
         input_ids, attention_mask = _left_pad(token_ids, self.pad_token_id, device)
-        _keep_4bit_weights_trainable(self.model)
-        was_training = self.model.training
-        self.model.eval()
         # Seeded per batch without disturbing the caller's random state (training keeps its own stream).
         devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.inference_mode(), self._seed_model():
-                torch.manual_seed(seed)
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    **decoding,
-                    pad_token_id=self.pad_token_id,
-                    use_cache=True,  # gradient checkpointing turns the cache off in the config
-                    **({"cache_implementation": "static"} if self.static_cache else {}),
-                    disable_compile=not self.compile,  # transformers compiles static-cache decoding on a GPU
-                )
-        finally:
-            self.model.train(was_training)
+        with torch.random.fork_rng(devices=devices), self.inference() as model:
+            torch.manual_seed(seed)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **decoding,
+                pad_token_id=self.pad_token_id,
+                use_cache=True,  # gradient checkpointing turns the cache off in the config
+                **({"cache_implementation": "static"} if self.static_cache else {}),
+                disable_compile=not self.compile,  # transformers compiles static-cache decoding on a GPU
+            )
         new_tokens = output[:, input_ids.shape[1] :]
         texts = [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return list(zip(texts, self._cut(new_tokens, decoding), strict=True))
@@ -169,11 +163,19 @@ class TransformersEngine:
         limit = decoding.get("max_new_tokens")
         return [not done and (limit is None or new_tokens.shape[1] >= limit) for done in finished.tolist()]
 
-    def _seed_model(self):
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[PreTrainedModel]:
+        """The model in eval and inference mode (the seed model: adapter disabled, unless told otherwise)."""
+        _keep_4bit_weights_trainable(self.model)
+        was_training = self.model.training
+        self.model.eval()
         disable_adapter = getattr(self.model, "disable_adapter", None)
-        if self.disable_adapter and callable(disable_adapter):
-            return disable_adapter()
-        return contextlib.nullcontext()
+        adapter_off = self.disable_adapter and callable(disable_adapter)
+        try:
+            with torch.inference_mode(), disable_adapter() if adapter_off else contextlib.nullcontext():
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
 
 def unquantized_seed_model(model: PreTrainedModel) -> PreTrainedModel | None:

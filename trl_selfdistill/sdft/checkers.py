@@ -8,6 +8,14 @@ README's `distill_checker` entry summarises them.
 
 A checker is a callable ``(rewrite, reference, row) -> bool`` where True means "keep the rewrite". The
 banned-phrase rule is applied to every dataset on top of the checker (see :func:`rejection_reason`).
+
+Two deliberate deviations close blind spots of the official rules:
+
+- a Unicode minus sign (U+2212, ``−5``) is read as ``-5``; the official regex only knows ASCII ``-`` and
+  read it as 5. En dashes are left alone: in ``3–5`` they mark a range, not a sign;
+- "reference solution" is banned too (:data:`EXTRA_BANNED_PHRASES`): a rewrite citing "the reference
+  solution" leaks the prompt as much as one citing the officially banned "reference answer". A bare
+  "the reference" stays allowed (it also appears in "the reference point", "the reference price").
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ __all__ = [
     "BANNED_PHRASES",
     "BANNED_PREFIX",
     "CHECKERS",
+    "EXTRA_BANNED_PHRASES",
+    "OFFICIAL_BANNED_PHRASES",
     "Checker",
     "accept_all",
     "code_checker",
@@ -35,18 +45,23 @@ Checker = Callable[[str, str, dict], bool]
 """``(rewrite, reference, row) -> bool``; True keeps the rewrite."""
 
 # Official ban list (compared against the lower-cased rewrite) and the case-sensitive prefix rule.
-BANNED_PHRASES: tuple[str, ...] = (
+OFFICIAL_BANNED_PHRASES: tuple[str, ...] = (
     "reference answer",
     "your response",
     "my response",
     "your own response",
     "now it's your turn",
 )
+# Our extension: the same leak under another name, which the official list misses.
+EXTRA_BANNED_PHRASES: tuple[str, ...] = ("reference solution",)
+BANNED_PHRASES: tuple[str, ...] = OFFICIAL_BANNED_PHRASES + EXTRA_BANNED_PHRASES
+"""Every banned phrase: :data:`OFFICIAL_BANNED_PHRASES` plus :data:`EXTRA_BANNED_PHRASES`."""
 BANNED_PREFIX = "Your turn"
 
 # Official number pattern: optional minus, digits, optional ","/whitespace-separated digit groups, optional decimals.
 _NUMBER_RE = re.compile(r"-?\d+(?:[,\s]\d+)*(?:\.\d+)?")
 _INTEGER_RE = re.compile(r"-?\d+")
+_UNICODE_MINUS = "\u2212"
 # Official shape of a reference call: dotted identifier, "(", anything, ")".
 _CALL_RE = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*(?:\.[a-zA-Z_][a-zA-Z0-9_]*)*)\((.*)\)")
 _CODE_BLOCK = "```python"
@@ -67,9 +82,10 @@ def extract_last_number(text: str) -> int | None:
 
     Commas and spaces inside a number are removed (``1,000`` -> 1000), ``12.0`` counts as 12, and a
     number with a non-zero fractional part (``12.5``) gives None. As in the official code, a number
-    split by another whitespace character (newline, tab) is not a valid integer and gives None.
+    split by another whitespace character (newline, tab) is not a valid integer and gives None. Unlike
+    the official code, a Unicode minus sign counts as a sign (``−5`` -> -5, not 5).
     """
-    numbers = _NUMBER_RE.findall(text)
+    numbers = _NUMBER_RE.findall(text.replace(_UNICODE_MINUS, "-"))
     if not numbers:
         return None
     number = numbers[-1].replace(",", "").replace(" ", "")

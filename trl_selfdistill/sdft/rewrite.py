@@ -30,6 +30,7 @@ from ..generation import GenerationEngine, ServerEngine, TransformersEngine
 from ..models import resolve_model_name
 from ..paths import default_cache_dir
 from .checkers import rejection_reason
+from .gap import response_nll
 from .spec import DistillSpec
 from .targets import SKIP_REASONS, RewriteTarget, apply_rewrites, collect_targets
 from .templates import check_renderable
@@ -178,6 +179,9 @@ def distill_dataset(
             "accepted": record is not None and reason is None, "reason": reason, "truncated": truncated,
         })  # fmt: skip
     skipped = Counter(target.skip for target in targets if target.skip)
+    gap = {}
+    if isinstance(engine, TransformersEngine):  # a server gives no likelihoods
+        gap = _distribution_gap(engine, tokenizer, kept, responses, _position_limit(engine, tokenizer))
     report = {
         "rows": len(dataset),
         "total": len(targets),
@@ -188,6 +192,7 @@ def distill_dataset(
         **{f"skipped_{reason}": skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
         "generated": generated,
         "from_cache": len(kept) - generated,
+        **gap,
         "template": spec.template.name,
         "template_mode": spec.template_mode,
         "checker": spec.checker_name,
@@ -196,6 +201,32 @@ def distill_dataset(
         "cache_dir": str(cache.directory),
     }
     return DistillationResult(apply_rewrites(dataset, responses), report, audit)
+
+
+def _distribution_gap(
+    engine: TransformersEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    kept: list[RewriteTarget],
+    responses: dict[tuple[int, int], str],
+    max_positions: int | None,
+) -> dict[str, float]:
+    """The seed model's mean NLL per response token, before and after the rewrite (see `gap.py`); rows are shared."""
+    state = PartialState()
+    share = kept[state.process_index :: state.num_processes]
+    accepted = [t for t in share if (t.row, t.turn) in responses]
+    pairs = [(t.instruction, t.reference) for t in share]
+    pairs += [(t.instruction, responses[(t.row, t.turn)]) for t in accepted]
+    scores = response_nll(engine, tokenizer, pairs, max_positions)
+    before = dict(zip(share, scores[: len(share)], strict=True))
+    after = {**before, **dict(zip(accepted, scores[len(share) :], strict=True))}
+    local = [sum(score[k] for score in part.values()) for part in (before, after) for k in (0, 1)]
+    nll_before, tokens_before, nll_after, tokens_after = map(sum, zip(*gather_object([local]), strict=True))
+    if not tokens_before:
+        return {}
+    return {
+        "seed_nll_reference": round(nll_before / tokens_before, 4),
+        "seed_nll_distilled": round(nll_after / tokens_after, 4),
+    }
 
 
 def _judge(rewrite: str, target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache) -> str | None:

@@ -2,8 +2,9 @@
 
 SDFT (Self-Distillation Fine-Tuning; Yang et al., ACL 2024, arXiv 2402.13669) asks the seed model to
 rewrite each reference response in its own words. The built-in templates are the official prompts of
-the paper's code (sail-sg/sdft, ``src/llmtuner/data/template.py``: ``alpaca_distill_using`` for general
-data, ``alpaca_distill_refer`` for code and function calling, ``gsm8k_distill`` for math); the README's
+the paper's code (sail-sg/sdft, ``src/llmtuner/data/template.py`` of its ``reproduce`` branch; ``main``
+has the same texts in ``main.py``: ``alpaca_distill_using`` for general data, ``alpaca_distill_refer`` for
+code and function calling, ``gsm8k_distill`` for math); the README's
 `distill_template` entry summarises them.
 
 Two renderings:

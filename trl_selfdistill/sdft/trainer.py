@@ -119,7 +119,7 @@ class SDFTTrainer(SFTTrainer):
                 entry["row"] in cut["dropped"],
             )
         self._save_distillation(result.dataset, result.rows)
-        self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int)})
+        self.log({f"distill/{k}": float(v) for k, v in self.distillation_report.items() if isinstance(v, int | float)})
 
     def _rewrite(self, train_dataset: Dataset):
         """The seed model rewrites the training set: on the server, with the unquantized weights, or in process."""

@@ -1,0 +1,125 @@
+"""Tests of the untrusted-code runner: each escape attempt must stay inside the sandbox."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from trl_selfdistill.evaluation.sandbox import _namespace_support, run_untrusted
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox relies on POSIX rlimits")
+
+
+def _nobody_processes() -> int:
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == 65534:
+                count += 1
+        except FileNotFoundError:  # exited while scanning
+            pass
+    return count
+
+
+def test_passing_program_passes():
+    result = run_untrusted("assert 1 + 1 == 2\nprint('hello')", timeout=5)
+    assert result.passed, result
+    assert result.returncode == 0 and not result.timed_out
+    assert result.stdout == "hello\n"
+
+
+def test_failing_assert_fails():
+    result = run_untrusted("assert 1 + 1 == 3, 'wrong'", timeout=5)
+    assert not result.passed
+    assert result.returncode == 1
+    assert "AssertionError: wrong" in result.stderr
+
+
+def test_infinite_loop_is_killed_by_timeout():
+    start = time.monotonic()
+    result = run_untrusted("while True:\n    pass", timeout=2)
+    assert time.monotonic() - start < 5
+    assert result.timed_out and not result.passed
+    assert result.reason == "wall-clock timeout"
+
+
+def test_environment_is_minimal(monkeypatch):
+    monkeypatch.setenv("SANDBOX_TEST_SECRET", "hunter2")
+    result = run_untrusted("import os\nprint(sorted(os.environ))", timeout=5)
+    assert result.passed, result
+    assert "SANDBOX_TEST_SECRET" not in result.stdout
+
+
+@pytest.mark.skipif(not _namespace_support()[1], reason="fork limit needs the drop to nobody")
+def test_fork_bomb_is_contained():
+    before = _nobody_processes()
+    # Bounded even without limits (at most 2**10 processes); every process then sleeps until the timeout.
+    bomb = "import os, time\nfor _ in range(10):\n    try:\n        os.fork()\n    except OSError:\n        break\n"
+    bomb += "time.sleep(60)\n"
+    result = run_untrusted(bomb, timeout=3, max_processes=16)
+    assert result.timed_out and not result.passed
+    deadline = time.monotonic() + 5
+    while _nobody_processes() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _nobody_processes() == before
+    assert run_untrusted("print(1)", timeout=5).passed
+
+
+def test_huge_allocation_raises_memory_error_inside():
+    result = run_untrusted('b"x" * 10**10', timeout=5, memory_bytes=256 * 2**20)
+    assert not result.passed
+    assert "MemoryError" in result.stderr
+
+
+def test_home_write_stays_inside():
+    name = f"pwned-{uuid.uuid4().hex}"
+    result = run_untrusted(
+        f"import os\nopen(os.path.expanduser('~/{name}'), 'w').write('x')\nprint(os.path.expanduser('~'))", timeout=5
+    )
+    assert result.passed, result
+    assert not (Path.home() / name).exists()
+    assert result.stdout.strip() != str(Path.home())
+
+
+@pytest.mark.skipif(not _namespace_support()[1], reason="needs the mount namespace")
+def test_absolute_writes_outside_fail():
+    target = Path.home() / f"pwned-{uuid.uuid4().hex}"
+    other = Path("/tmp") / f"pwned-{uuid.uuid4().hex}"
+    for path in (target, other):
+        result = run_untrusted(f"open({str(path)!r}, 'w').write('x')", timeout=5)
+        assert not result.passed
+        assert "Error" in result.stderr
+        assert not path.exists()
+
+
+def test_network_is_unreachable():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        for address in (("1.1.1.1", 53), ("127.0.0.1", port)):
+            program = f"import socket\nsocket.create_connection({address!r}, timeout=2)\nprint('connected')"
+            result = run_untrusted(program, timeout=5)
+            assert not result.passed, address
+            assert "connected" not in result.stdout
+            assert "Error" in result.stderr
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+@pytest.mark.skipif(not _namespace_support()[0], reason="needs the network namespace")
+def test_raw_socket_module_cannot_reach_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        program = f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))"
+        result = run_untrusted(program, timeout=5)
+        assert not result.passed
+        assert "unreachable" in result.stderr.lower()

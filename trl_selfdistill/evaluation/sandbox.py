@@ -1,0 +1,258 @@
+"""Run untrusted, model-generated Python programs (e.g. HumanEval completions) in a contained child process.
+
+:func:`run_untrusted` writes the program to a throwaway directory and runs it with ``python -I`` (isolated mode,
+base interpreter, no venv site-packages) in a fresh process group, with a minimal environment (``PATH``, ``LANG``,
+``HOME`` and ``TMPDIR`` pointing into the throwaway directory; nothing inherited, so no secrets or tokens).
+
+Containment, in the order it is applied in the child (``preexec_fn``):
+
+* **Network** - when running as root on Linux, the child enters a new network namespace (``unshare(CLONE_NEWNET)``
+  via ``ctypes``): only a loopback device exists and it is down, so every connect, including to ``127.0.0.1``,
+  fails with ``ENETUNREACH``. If namespaces are not permitted (not root, seccomp, ...), a best-effort fallback
+  replaces ``socket.socket``/``socket.create_connection`` with functions that raise before the program runs; a
+  program that imports ``_socket`` directly bypasses this fallback.
+* **Filesystem** - with a new mount namespace (``unshare(CLONE_NEWNS)``, root mount made private so nothing leaks
+  back), ``/`` is remounted read-only, ``/dev/shm`` gets a small private tmpfs, the directory holding the
+  interpreter's inaccessible ancestor (``/root`` here) is covered by an empty tmpfs with only the interpreter
+  prefix bound back in (this also hides the real home), and only the work directory stays writable. The program
+  then runs as ``nobody`` (uid/gid 65534, no supplementary groups), so it cannot undo the mounts. Writes to ``~``
+  land in the work directory; writes to the real home path fail. ``RLIMIT_FSIZE`` bounds every file it writes,
+  stdout/stderr included. Without a mount namespace only the ``HOME``/``TMPDIR`` redirect applies: a root program
+  could still write anywhere by absolute path.
+* **Resources** - ``RLIMIT_AS`` (memory: big allocations raise ``MemoryError`` in the child), ``RLIMIT_CPU``,
+  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC``. The kernel never enforces ``RLIMIT_NPROC`` for uid 0,
+  so the fork limit holds only when the program runs as ``nobody`` (i.e. with the mount namespace). It counts
+  *all* processes of ``nobody`` on the machine, so concurrent sandboxes share it.
+* **Time** - a wall-clock timeout, after which (and after every normal exit, to reap leftovers) the whole
+  process group is ``SIGKILL``-ed with ``os.killpg``.
+
+Limits: a program that calls ``setsid()``/``setpgid()`` leaves the process group and survives the final
+``killpg`` (it stays bound by ``RLIMIT_CPU``, the fork limit and the namespaces); a PID namespace or cgroup would
+close that gap. ``/proc`` and ``/sys`` stay visible read-only-for-nobody, so the program can read system
+information. ``preexec_fn`` is not safe in a multi-threaded parent; call this from the main thread of a process
+without other threads that hold locks (the usual evaluation loop).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SandboxResult", "run_untrusted"]
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY = 0x1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_NOBODY = 65534
+_TAIL_CHARS = 4096
+
+# Load libc in the parent: dlopen after fork (inside preexec_fn) is not async-signal-safe.
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+# Runs the program with sockets disabled; used only when no network namespace is available.
+_SOCKET_GUARD = """\
+import runpy, socket, sys
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled in the sandbox")
+socket.socket = socket.create_connection = socket.socketpair = socket.create_server = _no_network
+sys.argv = ["main.py"]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one sandboxed run. ``passed`` means exit code 0 within all limits."""
+
+    passed: bool
+    returncode: int | None
+    timed_out: bool
+    stdout: str
+    stderr: str
+    reason: str
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
+    _check(_libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {target}")
+
+
+def _hidden_ancestor(path: Path) -> Path | None:
+    """First ancestor of ``path`` that ``nobody`` cannot traverse (no o+x), or None."""
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def _isolate(work: str, *, netns: bool, mntns: bool, limits: dict[int, tuple[int, int]]) -> None:
+    """Child-side setup, run between fork and exec. Any exception aborts the launch."""
+    if netns:
+        _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    if mntns:
+        prefix = sys.base_prefix
+        _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        # O_PATH handles survive covering their paths with a tmpfs, so they can be bound back afterwards
+        # (opened after unshare: a bind source must belong to the new namespace).
+        keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in (prefix, work)}
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below propagates to the host
+        hidden = _hidden_ancestor(Path(prefix))
+        if hidden is not None:
+            _mount("tmpfs", str(hidden), "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
+        for path, fd in keep.items():
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+            os.close(fd)
+        if os.path.isdir("/dev/shm"):
+            _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
+        # Only the root mount becomes read-only; the work dir is its own (writable) bind mount.
+        _mount(None, "/", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+        if hidden is not None:
+            _mount(None, str(hidden), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+    for limit, value in limits.items():
+        if limit != resource.RLIMIT_AS:
+            resource.setrlimit(limit, value)
+    if mntns:
+        os.setgroups([])
+        os.setgid(_NOBODY)
+        os.setuid(_NOBODY)
+    # Last: the forked child may already exceed the new address-space limit.
+    resource.setrlimit(resource.RLIMIT_AS, limits[resource.RLIMIT_AS])
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_support() -> tuple[bool, bool]:
+    """(network namespace, mount namespace + nobody) as far as this machine allows; probed once."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return False, False
+    limits = {resource.RLIMIT_AS: (resource.RLIM_INFINITY, resource.RLIM_INFINITY)}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)
+        for netns, mntns in ((True, True), (True, False)):
+            try:
+                subprocess.run(
+                    [_interpreter(), "-I", "-c", "pass"],
+                    cwd=tmp,
+                    env={},
+                    preexec_fn=functools.partial(_isolate, tmp, netns=netns, mntns=mntns, limits=limits),
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+                return netns, mntns
+            except (OSError, subprocess.SubprocessError):
+                continue
+    return False, False
+
+
+def _interpreter() -> str:
+    # The base interpreter, not the venv one: a venv may sit anywhere, the prefix is what gets bound back.
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return os.path.realpath(base)
+
+
+def _tail(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_CHARS))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def _reason(returncode: int, timed_out: bool) -> str:
+    if timed_out:
+        return "wall-clock timeout"
+    if returncode == 0:
+        return "ok"
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        hint = {signal.SIGXCPU: " (cpu limit)", signal.SIGXFSZ: " (file size limit)"}.get(sig, "")
+        return f"killed by {sig.name}{hint}"
+    return f"exit code {returncode}"
+
+
+def run_untrusted(
+    program: str,
+    *,
+    timeout: float = 10.0,
+    memory_bytes: int = 512 * 2**20,
+    cpu_seconds: int | None = None,
+    max_processes: int = 32,
+    max_file_bytes: int = 16 * 2**20,
+) -> SandboxResult:
+    """Run ``program`` (Python source) in a contained child process; see the module docstring for what applies.
+
+    ``cpu_seconds`` defaults to ``ceil(timeout) + 1``. ``max_file_bytes`` bounds every file written, including
+    stdout and stderr (of which the last 4096 characters are returned).
+    """
+    netns, mntns = _namespace_support()
+    cpu = cpu_seconds if cpu_seconds is not None else int(-(-timeout // 1)) + 1
+    limits = {
+        resource.RLIMIT_CPU: (cpu, cpu + 1),
+        resource.RLIMIT_FSIZE: (max_file_bytes, max_file_bytes),
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_NPROC: (max_processes, max_processes),
+        resource.RLIMIT_AS: (memory_bytes, memory_bytes),
+    }
+    # Outer dir (root, 0o711) keeps the captured output out of the program's reach; only ``work`` is its own.
+    with tempfile.TemporaryDirectory(prefix="sandbox-") as outer:
+        os.chmod(outer, 0o711)
+        work = Path(outer, "work")
+        work.mkdir()
+        if mntns:
+            os.chown(work, _NOBODY, _NOBODY)
+        (work / "main.py").write_text(program, encoding="utf-8")
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
+        code = ["main.py"] if netns else ["-c", _SOCKET_GUARD]
+        out_path, err_path = Path(outer, "stdout"), Path(outer, "stderr")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                [_interpreter(), "-I", *code],
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=functools.partial(_isolate, str(work), netns=netns, mntns=mntns, limits=limits),
+            )
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # Also after a normal exit: background children left in the group must not outlive the run.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        returncode = proc.returncode
+        return SandboxResult(
+            passed=returncode == 0 and not timed_out,
+            returncode=returncode,
+            timed_out=timed_out,
+            stdout=_tail(out_path),
+            stderr=_tail(err_path),
+            reason=_reason(returncode, timed_out),
+        )
