@@ -123,3 +123,12 @@ def test_raw_socket_module_cannot_reach_loopback():
         result = run_untrusted(program, timeout=5)
         assert not result.passed
         assert "unreachable" in result.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("program", "limits", "error"),
+    [(b"print(1)", {}, "must be Python source text"), ("print(1)", {"timeout": -1}, "must be positive")],
+)
+def test_bad_arguments_are_refused_before_anything_runs(program, limits, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        run_untrusted(program, **limits)

@@ -294,6 +294,8 @@ def test_decoding_options_are_resolved_once_and_engine_keys_refused(tiny_tokeniz
     assert SDFTConfig(use_cpu=True, distill_batch_size="8").distill_batch_size == 8
     with pytest.raises(ValueError, match="distill_server_url"):
         SDFTConfig(use_cpu=True, distill_engine="server")
+    with pytest.raises(ValueError, match="distill_keep_truncated` must be True or False"):
+        SDFTConfig(use_cpu=True, distill_keep_truncated="maybe")
     with pytest.raises(ValueError, match="disable_compile"):
         SDFTConfig(use_cpu=True, distill_generation_kwargs={"disable_compile": False})
     args = SDFTConfig(use_cpu=True, distill_compile=True, distill_batch_size=3)

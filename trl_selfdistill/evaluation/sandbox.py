@@ -204,6 +204,15 @@ def run_untrusted(
     ``cpu_seconds`` defaults to ``ceil(timeout) + 1``. ``max_file_bytes`` bounds every file written, including
     stdout and stderr (of which the last 4096 characters are returned).
     """
+    if not isinstance(program, str):
+        raise TypeError(f"`program` must be Python source text (a str), got {type(program).__name__}.")
+    limits_given = {
+        "timeout": timeout, "memory_bytes": memory_bytes, "max_processes": max_processes,
+        "max_file_bytes": max_file_bytes, "cpu_seconds": 1 if cpu_seconds is None else cpu_seconds,
+    }  # fmt: skip
+    bad = {name: value for name, value in limits_given.items() if not value > 0}
+    if bad:
+        raise ValueError(f"Sandbox limits must be positive, got {bad}; e.g. `timeout=10.0` (seconds).")
     netns, mntns = _namespace_support()
     cpu = cpu_seconds if cpu_seconds is not None else int(-(-timeout // 1)) + 1
     limits = {

@@ -93,6 +93,11 @@ class DistillSpec:
         """Resolves a template name (`"auto"` follows the checker), a checker name and the decoding overrides."""
         if template_mode not in RENDER_MODES:
             raise ValueError(f"Unknown distill_template_mode {template_mode!r}; use one of {list(RENDER_MODES)}.")
+        if not isinstance(keep_truncated, bool):
+            raise ValueError(
+                f"`distill_keep_truncated` must be True or False, got {keep_truncated!r}: True accepts rewrites cut "
+                "at `max_new_tokens`, False (the default) falls back to the reference for them."
+            )
         checker_name = checker if isinstance(checker, str) else getattr(checker, "__name__", "custom")
         return cls(
             template=resolve_template(template, checker if isinstance(checker, str) else None),
