@@ -151,7 +151,8 @@ def distill_dataset(
         engine.check(spec.decoding)
     decoding = dict(spec.decoding)
     state = PartialState()
-    targets, prompts, lengths = _screen(targets, spec, tokenizer, decoding, _position_limit(engine, tokenizer))
+    position_limit = _position_limit(engine, tokenizer)
+    targets, prompts, lengths = _screen(targets, spec, tokenizer, decoding, position_limit)
     kept = [target for target in targets if target.skip is None]
     if state.is_main_process:
         _warn_skipped(targets)
@@ -181,7 +182,7 @@ def distill_dataset(
     skipped = Counter(target.skip for target in targets if target.skip)
     gap = {}
     if isinstance(engine, TransformersEngine):  # a server gives no likelihoods
-        gap = _distribution_gap(engine, tokenizer, kept, responses, _position_limit(engine, tokenizer))
+        gap = _distribution_gap(engine, tokenizer, kept, responses, position_limit)
     report = {
         "rows": len(dataset),
         "total": len(targets),
