@@ -113,17 +113,72 @@ def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_benchmark_script_on_a_tiny_model(tmp_path):
+    save_tiny_model_and_gsm8k(tmp_path, rows=4)
+    out = tmp_path / "out"
+    command = [sys.executable, str(EXAMPLES / "benchmark_forgetting.py"),
+               "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "train.jsonl"),
+               "--output_dir", str(out), "--arms", "sft", "sdft", "--probes", "gsm8k", "advbench", "general",
+               "--gsm8k_samples", "2", "--advbench_samples", "2", "--general_samples", "2",
+               "--gsm8k_max_new_tokens", "4", "--advbench_max_new_tokens", "4", "--general_max_new_tokens", "4",
+               "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
+               "--distill_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
+               "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--eval_batch_size", "2",
+               "--use_peft", "--lora_target_modules", "q_proj", "v_proj"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "| model | GSM8K (n=2) | raw safe (n=2) | similarity to seed (n=2) |" in completed.stdout
+    report = json.loads((out / "forgetting_benchmark.json").read_text())
+    assert report["models"] == ["seed", "sft", "sdft"]
+    assert {p.name for p in out.glob("chart_*.png")} == {"chart_gsm8k.png", "chart_advbench.png", "chart_general.png"}
+
+
+SCRIPT_CLASSES = {  # the config's name prefix -> the module of its script and its argument classes
+    "sdft_": ("sdft", ("SDFTScriptArguments",), "SDFTConfig"),
+    "dynsdpb_": ("dynsdpb", ("DynSDPBScriptArguments",), "DynSDPBConfig"),
+    "benchmark_forgetting_": ("benchmark_forgetting", ("BenchmarkScriptArguments",), "SDFTDynSDPBConfig"),
+}
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (EXAMPLES / "configs").glob("*.yaml")))
 def test_every_shipped_config_parses_with_its_script(config):
     """Each YAML is read by the parser of its script; every key must be a field there (a renamed field fails)."""
-    from dynsdpb import DynSDPBScriptArguments
+    import importlib
 
-    from trl_selfdistill import DynSDPBConfig
+    import trl_selfdistill
+    from trl_selfdistill.evaluation.probes import ProbeArguments
 
-    sdft = config.startswith("sdft")
-    classes = (SDFTScriptArguments, SDFTConfig) if sdft else (DynSDPBScriptArguments, DynSDPBConfig)
+    (module_name, script_classes, config_class), *others = [
+        v for k, v in SCRIPT_CLASSES.items() if config.startswith(k)
+    ]
+    assert not others, f"{config} matches several scripts"
+    module = importlib.import_module(module_name)
+    classes = [getattr(module, name) for name in script_classes]
+    if module_name == "benchmark_forgetting":
+        classes.append(ProbeArguments)
     # GPU recipes ask for bf16, which a CPU-only machine refuses at parse time; everything else is parsed as written.
-    _, args, model_args = TrlParser((*classes, ModelConfig)).parse_args_and_config(
-        ["--config", str(EXAMPLES / "configs" / config), "--bf16", "false", "--use_cpu", "true"]
-    )
+    *_, args, model_args = TrlParser(
+        (*classes, getattr(trl_selfdistill, config_class), ModelConfig)
+    ).parse_args_and_config(["--config", str(EXAMPLES / "configs" / config), "--bf16", "false", "--use_cpu", "true"])
     assert model_args.model_name_or_path and args.output_dir
+
+
+def test_paper_scale_benchmark_config_probes_every_item_with_the_papers_recipe():
+    from benchmark_forgetting import BenchmarkScriptArguments
+
+    from trl_selfdistill import SDFTDynSDPBConfig
+    from trl_selfdistill.evaluation.probes import ProbeArguments, probe_items
+
+    config = EXAMPLES / "configs/benchmark_forgetting_llama2_7b_qlora.yaml"
+    script_args, probes, args, model_args = TrlParser(
+        (BenchmarkScriptArguments, ProbeArguments, SDFTDynSDPBConfig, ModelConfig)
+    ).parse_args_and_config(["--config", str(config), "--bf16", "false", "--use_cpu", "true"])
+    assert model_args.model_name_or_path == "meta-llama/Llama-2-7b-chat-hf" and model_args.load_in_4bit
+    assert script_args.dataset_name == "openai/gsm8k" and script_args.max_train_samples is None
+    assert script_args.gsm8k_style == "official" and len(script_args.arms) == 5
+    sizes = {name: len(probe_items(name, probes)) for name in ("gsm8k", "humaneval", "advbench")}
+    assert sizes == {"gsm8k": 1319, "humaneval": 164, "advbench": 520}
+    assert (args.learning_rate, args.num_train_epochs, args.max_length) == (1e-4, 5, 1024)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules) == (8, 16, ["q_proj", "v_proj"])

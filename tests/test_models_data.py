@@ -164,7 +164,7 @@ def bundled_model(bundled_model_dir):
 def test_bundled_gsm8k(split):
     dataset = bundled_gsm8k(split)
     assert dataset.column_names == ["question", "answer"]
-    assert len(dataset) == 200
+    assert len(dataset) == {"train": 200, "test": 1319}[split]
     assert all("####" in answer for answer in dataset["answer"])
     assert len(bundled_gsm8k(split, n=5)) == 5
     assert bundled_gsm8k(split, n=5)["question"] == dataset["question"][:5]
@@ -230,7 +230,7 @@ def test_gsm8k_to_prompt_completion_missing_columns():
 
 def test_load_task_dataset_bundled():
     dataset = load_task_dataset(BUNDLED_GSM8K_NAME, split="test")
-    assert len(dataset) == 200
+    assert len(dataset) == 1319
     assert dataset.column_names == ["prompt", "completion"]
     assert dataset[0]["prompt"][0]["role"] == "user"
 

@@ -21,7 +21,11 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 # Arguments starting with these name files of this repository (other paths, such as outputs, are made by runs).
 REPO_PREFIXES = ("examples/", "tools/", "benchmarks/", ".ci/", "tests/", "trl_selfdistill/")
-CONFIG_CLASSES = {"SDFTConfig": trl_selfdistill.SDFTConfig, "DynSDPBConfig": trl_selfdistill.DynSDPBConfig}
+CONFIG_CLASSES = {
+    "SDFTConfig": trl_selfdistill.SDFTConfig,
+    "DynSDPBConfig": trl_selfdistill.DynSDPBConfig,
+    "SDFTDynSDPBConfig": trl_selfdistill.SDFTDynSDPBConfig,
+}
 
 
 def code_blocks(languages: tuple[str, ...]) -> list[str]:

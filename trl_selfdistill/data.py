@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import gzip
 import json
 import os
 import re
@@ -10,10 +10,12 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from .paths import bundled_resource
+
 BUNDLED_GSM8K_NAME = "bundled/gsm8k"
 """Name accepted by :func:`load_task_dataset` for the GSM8K sample shipped with the package."""
 
-_BUNDLED_GSM8K_FILES = {"train": "gsm8k_train_sample.jsonl", "test": "gsm8k_test_sample.jsonl"}
+_BUNDLED_GSM8K_FILES = {"train": "gsm8k_train_sample.jsonl", "test": "gsm8k_test.jsonl.gz"}
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 GSM8K_STYLES = ("raw", "official")
 """Answer styles of :func:`gsm8k_to_prompt_completion`: the Hub rows as they are, or the official SDFT preparation."""
@@ -24,13 +26,15 @@ _FINAL_ANSWER = re.compile(r"\n#### (.*)$")
 def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
     """Return raw GSM8K rows (``question``, ``answer``) from the sample bundled with the package.
 
-    ``split`` is ``"train"`` or ``"test"`` (200 rows each: the first 200 rows of the official splits);
-    ``n`` keeps only the first ``n`` rows.
+    ``split`` is ``"train"`` (the first 200 rows of the official split) or ``"test"`` (the whole official test split,
+    1319 rows, which the forgetting benchmark samples from); ``n`` keeps only the first ``n`` rows.
     """
     if split not in _BUNDLED_GSM8K_FILES:
         raise ValueError(f"Unknown bundled GSM8K split {split!r}; expected one of {sorted(_BUNDLED_GSM8K_FILES)}.")
-    resource = importlib.resources.files("trl_selfdistill").joinpath("resources").joinpath(_BUNDLED_GSM8K_FILES[split])
-    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+    resource = bundled_resource(_BUNDLED_GSM8K_FILES[split])
+    raw = resource.read_bytes()
+    text = (gzip.decompress(raw) if resource.name.endswith(".gz") else raw).decode("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))

@@ -2,8 +2,8 @@
 
 TRL writes its card only at checkpoints, and PEFT's `save_pretrained` leaves its own blank template in the output
 directory, so a run saved once at the end got no report. TRL also takes the base model from `config._name_or_path`,
-which for a model loaded from disk (the bundled model included) is a local path, not a Hub id. Both trainers write
-this card instead, whole each time (never appended to), after the weights.
+which for a model loaded from disk (the bundled model included) is a local path, not a Hub id. The trainers write
+this card instead (`MethodModelCard`), whole each time (never appended to), after the weights.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +22,9 @@ from transformers import is_wandb_available
 from trl import SFTConfig
 from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
 
+from .dynsdpb.config import DynSDPBConfig
 from .models import _SOURCE_RECORD, BUNDLED_MODEL_NAME
+from .paths import bundled_resource
 
 BUNDLED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hub model the bundled GGUF copy was made from."""
@@ -97,7 +98,7 @@ def write_model_card(
     packages = ["trl-selfdistill", "trl", "transformers", *(["peft"] if adapter else []), "torch", "datasets"]
     card = ModelCard.from_template(
         card_data,
-        template_str=files("trl_selfdistill").joinpath("resources", _TEMPLATE).read_text(encoding="utf-8"),
+        template_str=bundled_resource(_TEMPLATE).read_text(encoding="utf-8"),
         model_name=model_name,
         base_model=base.hub_id,
         base_model_note=base.note,
@@ -106,9 +107,8 @@ def write_model_card(
         adapter=adapter,
         method=trainer._name,
         trainer_class=type(trainer).__name__,
-        paper_title=trainer._paper.get("title"),
-        paper_id=trainer._paper.get("id"),
-        citation=trainer._paper.get("citation"),
+        papers=[paper for paper in _papers(trainer) if paper.get("id")],
+        citations=[paper["citation"] for paper in _papers(trainer) if paper.get("citation")],
         setup=_setup(model, trainer.state.global_step),
         method_section=method_section.strip(),
         logs=_log_links(),
@@ -116,6 +116,37 @@ def write_model_card(
     )
     os.makedirs(output_dir, exist_ok=True)
     card.save(os.path.join(output_dir, CARD_FILE))
+
+
+class MethodModelCard:
+    """Mixed in before `SFTTrainer`: `create_model_card` and `save_model` write this card, with the method's section.
+
+    Each trainer adds its section in `_model_card_sections`, calling `super()` so that a trainer that combines methods
+    by multiple inheritance gets every section, in the order of its MRO, in a card written once per save.
+    """
+
+    def _model_card_sections(self) -> list[str]:
+        return []
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """Writes the whole card, with the method's sections, into `output_dir` (also run by `push_to_hub`)."""
+        write_model_card(self, self.args.output_dir, self._method_section(), model_name, dataset_name, tags)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # Internal saves are checkpoints and `push_to_hub`'s, which writes the card itself. Written after the weights,
+        # it replaces the blank README.md of PEFT's `save_pretrained`.
+        if not _internal_call:
+            write_model_card(self, output_dir or self.args.output_dir, self._method_section())
+
+    def _method_section(self) -> str:
+        return "\n".join(section.strip() + "\n" for section in self._model_card_sections())
+
+
+def _papers(trainer) -> list[dict[str, str]]:
+    """The papers of the trainer's method: `_papers` for a trainer that combines methods, else TRL's `_paper`."""
+    papers = getattr(trainer, "_papers", None)
+    return [paper for paper in (papers if papers is not None else [trainer._paper]) if paper]
 
 
 def _tags(trainer, tags: str | list[str] | None, adapter: bool) -> list[str]:
@@ -257,9 +288,12 @@ def sdft_report_section(report: dict[str, Any], rows_file: str, report_file: str
 
 
 def dynsdpb_settings_section(args) -> str:
-    """What DynSDPB did in this run, and its settings (the `DynSDPBConfig` fields that `SFTConfig` lacks)."""
+    """What DynSDPB did in this run, and its settings (the `DynSDPBConfig` fields that `SFTConfig` lacks).
+
+    Only those, also for a config that holds another method's fields too (`SDFTDynSDPBConfig`): each has its section.
+    """
     sft_fields = {field.name for field in dataclasses.fields(SFTConfig)}
-    own = [field for field in dataclasses.fields(args) if field.init and field.name not in sft_fields]
+    own = [field for field in dataclasses.fields(DynSDPBConfig) if field.init and field.name not in sft_fields]
     table = "\n".join(
         f"| `{field.name}` | `{getattr(args, field.name)}` | {field.metadata.get('help', '')} |" for field in own
     )

@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from ..model_card import dynsdpb_settings_section, write_model_card
+from ..model_card import MethodModelCard, dynsdpb_settings_section
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import DynSDPBConfig
@@ -79,7 +79,7 @@ class _CollatorWithIndices:
         return {**self.collator(examples), _INDEX: indices, _REUSED: reused}
 
 
-class DynSDPBTrainer(SFTTrainer):
+class DynSDPBTrainer(MethodModelCard, SFTTrainer):
     """
     Trainer for dynamic self-distillation from the previous mini-batch (DynSDPB),
     [Fu et al., 2024](https://huggingface.co/papers/2411.16991), on top of DLB (Shen et al., CVPR 2022).
@@ -116,7 +116,7 @@ class DynSDPBTrainer(SFTTrainer):
             args = DynSDPBConfig(default_output_dir(model, "DynSDPB"))
         elif not isinstance(args, DynSDPBConfig):
             raise TypeError(f"`args` must be a `DynSDPBConfig`, got {type(args).__name__}.")
-        self._validate_before_loading(args, train_dataset, kwargs)
+        self._validate_dynsdpb_before_loading(args, train_dataset, kwargs)
         if isinstance(model, str):
             model = resolve_model_name(model)
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
@@ -130,7 +130,7 @@ class DynSDPBTrainer(SFTTrainer):
         self._checked_weights(SampleStatistics(torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.1])))
 
     @staticmethod
-    def _validate_before_loading(args: DynSDPBConfig, train_dataset, kwargs: dict) -> None:
+    def _validate_dynsdpb_before_loading(args: DynSDPBConfig, train_dataset, kwargs: dict) -> None:
         """Every configuration that cannot work, refused before the model is loaded."""
         if not isinstance(train_dataset, Dataset):
             raise TypeError(
@@ -443,17 +443,8 @@ class DynSDPBTrainer(SFTTrainer):
         return path, state
 
     # ------------------------------------------------------------ model card
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """Writes the whole card, DynSDPB settings included, into `output_dir` (also run by `push_to_hub`)."""
-        section = dynsdpb_settings_section(self.args)
-        write_model_card(self, self.args.output_dir, section, model_name, dataset_name, tags)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
-        # Internal saves are checkpoints and `push_to_hub`'s, which writes the card itself. Written after the weights,
-        # it replaces the blank README.md of PEFT's `save_pretrained`.
-        if not _internal_call:
-            write_model_card(self, output_dir or self.args.output_dir, dynsdpb_settings_section(self.args))
+    def _model_card_sections(self) -> list[str]:
+        return [dynsdpb_settings_section(self.args), *super()._model_card_sections()]
 
 
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

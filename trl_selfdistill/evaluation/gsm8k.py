@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from ..generation import GenerationEngine, TransformersEngine
+from ..data import bundled_gsm8k
+from ..generation import GenerationEngine
 from ..sdft.checkers import extract_last_number
+from .answers import chat_prompt, greedy_answers, sample_rows
 
 GSM8K_SYSTEM_PROMPT = (
     "You are an expert in math. Below is a math question. Write a response that appropriately answers the "
@@ -30,6 +30,11 @@ def score_gsm8k_answer(output: str, answer: str) -> bool:
     return predicted is not None and expected is not None and predicted == expected
 
 
+def load_gsm8k_test(n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` raw rows (``question``, ``answer``) of the bundled GSM8K test split (all 1319 if None), by ``seed``."""
+    return sample_rows(bundled_gsm8k("test").to_list(), n, seed)
+
+
 def _question_and_answer(row: Mapping[str, Any]) -> tuple[str, str]:
     """Read (question, label) from a raw GSM8K row or a conversational prompt-completion row."""
     if "question" in row and "answer" in row:
@@ -44,20 +49,6 @@ def _question_and_answer(row: Mapping[str, Any]) -> tuple[str, str]:
     raise ValueError(
         f"evaluate_gsm8k needs rows with 'question'/'answer' or 'prompt'/'completion'; got keys {sorted(row)}."
     )
-
-
-def _render(tokenizer: Any, question: str, system_prompt: str | None) -> str:
-    messages = [{"role": "user", "content": question}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:
-        if not system_prompt:
-            raise
-        # Some templates reject a system role: prepend the system text to the user turn instead.
-        merged = [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
-        return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
 
 def evaluate_gsm8k(
@@ -81,15 +72,17 @@ def evaluate_gsm8k(
     ``{"question", "answer", "output", "correct"}`` per row.
     """
     rows = [_question_and_answer(row) for row in dataset]
-    prompts = [_render(tokenizer, question, system_prompt) for question, _ in rows]
-    engine = engine or TransformersEngine(model, tokenizer, batch_size, disable_adapter=False)
-    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "max_new_tokens": max_new_tokens}
-    generations = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc="GSM8K", disable=not show_progress) as progress:
-        for group in engine.generate(prompts, greedy, seeds=[0] * len(prompts)):
-            for completion in group:
-                generations[completion.index] = completion.text
-            progress.update(len(group))
+    prompts = [chat_prompt(tokenizer, question, system_prompt) for question, _ in rows]
+    generations = greedy_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        engine=engine,
+        desc="GSM8K",
+        show_progress=show_progress,
+    )
 
     outputs = [
         {"question": q, "answer": a, "output": out, "correct": score_gsm8k_answer(out, a)}

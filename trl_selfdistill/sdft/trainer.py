@@ -16,7 +16,7 @@ from trl import SFTTrainer
 
 from ..generation.local import release_unquantized, unquantized_seed_model
 from ..generation.server import completion_fields
-from ..model_card import sdft_report_section, write_model_card
+from ..model_card import MethodModelCard, sdft_report_section
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import SDFTConfig
@@ -29,7 +29,7 @@ from .templates import check_renderable
 logger = logging.get_logger(__name__)
 
 
-class SDFTTrainer(SFTTrainer):
+class SDFTTrainer(MethodModelCard, SFTTrainer):
     """
     Trainer for Self-Distillation Fine-Tuning (SDFT), [Yang et al., ACL 2024](https://huggingface.co/papers/2402.13669).
 
@@ -82,7 +82,7 @@ class SDFTTrainer(SFTTrainer):
             args = SDFTConfig(default_output_dir(model, "SDFT"))
         elif not isinstance(args, SDFTConfig):
             raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
-        self._distill_spec = self._validate_before_loading(args, train_dataset, formatting_func)
+        self._distill_spec = self._validate_sdft_before_loading(args, train_dataset, formatting_func)
         if isinstance(model, str):
             model = resolve_model_name(model)
             if processing_class is None:  # loaded here, before the weights, to check the chat template early
@@ -145,7 +145,7 @@ class SDFTTrainer(SFTTrainer):
                 release_unquantized(seed_model)
 
     @staticmethod
-    def _validate_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> DistillSpec:
+    def _validate_sdft_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> DistillSpec:
         """Every check that can fail, done before the model is loaded and before any generation; returns the spec."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: SDFT rewrites it before training.")
@@ -194,16 +194,5 @@ class SDFTTrainer(SFTTrainer):
             save_distillation(self.args.output_dir, dataset, self.distillation_report, rows)
 
     # ------------------------------------------------------------ model card
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """Writes the whole card, distillation report included, into `output_dir` (also run by `push_to_hub`)."""
-        write_model_card(self, self.args.output_dir, self._model_card_section(), model_name, dataset_name, tags)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
-        # Internal saves are checkpoints and `push_to_hub`'s, which writes the card itself. Written after the weights,
-        # it replaces the blank README.md of PEFT's `save_pretrained`.
-        if not _internal_call:
-            write_model_card(self, output_dir or self.args.output_dir, self._model_card_section())
-
-    def _model_card_section(self) -> str:
-        return sdft_report_section(self.distillation_report, ROWS_FILE, REPORT_FILE)
+    def _model_card_sections(self) -> list[str]:
+        return [sdft_report_section(self.distillation_report, ROWS_FILE, REPORT_FILE), *super()._model_card_sections()]

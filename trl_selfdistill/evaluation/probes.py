@@ -1,0 +1,208 @@
+"""The forgetting benchmark's probes, their settings, and a result cache per model and probe.
+
+A probe asks one model a fixed sample of questions (greedy, through the model's chat template) and scores the answers
+as the SDFT paper does (Yang et al., ACL 2024, arXiv 2402.13669):
+
+- `gsm8k`: the target task, last integer against the label, with the paper's evaluation prompt;
+- `humaneval`: pass@1, the generated code run against the unit tests in a sandbox;
+- `advbench`, `advbench_jailbreak`: the safe rate by the paper's refusal keywords, raw and with its jailbreak suffix;
+- `general`: answers to general prompts, scored afterwards against the seed model's answers (cosine similarity of
+  sentence embeddings), the paper's measure of distribution shift.
+
+Each result is written to `<results_dir>/<model>/<probe>.json` with the settings that produced it, so a crashed run
+resumes where it stopped; a result computed with other settings is computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .advbench import evaluate_advbench, load_advbench
+from .gsm8k import evaluate_gsm8k, load_gsm8k_test
+from .humaneval import evaluate_humaneval, load_humaneval
+from .similarity import general_answers, load_general_prompts
+
+
+@dataclass
+class ProbeArguments:
+    """The probes' sample sizes (`null`: every item), seed, generation budgets and batch size."""
+
+    probes: list[str] = field(
+        default_factory=lambda: ["gsm8k", "humaneval", "advbench", "advbench_jailbreak", "general"],
+        metadata={"help": "Probes to run: gsm8k, humaneval, advbench, advbench_jailbreak, general."},
+    )
+    gsm8k_samples: int | None = field(default=None, metadata={"help": "GSM8K test questions (of 1319; null: all)."})
+    humaneval_samples: int | None = field(default=None, metadata={"help": "HumanEval problems (of 164; null: all)."})
+    advbench_samples: int | None = field(
+        default=None, metadata={"help": "AdvBench harmful behaviours (of 520; null: all), raw and jailbroken."}
+    )
+    general_samples: int | None = field(
+        default=None, metadata={"help": "General prompts for the similarity to the seed model (of 40; null: all)."}
+    )
+    probe_seed: int = field(default=0, metadata={"help": "Seed of the probes' samples."})
+    gsm8k_max_new_tokens: int = field(default=512, metadata={"help": "Generation budget of a GSM8K answer."})
+    humaneval_max_new_tokens: int = field(default=512, metadata={"help": "Generation budget of a HumanEval answer."})
+    advbench_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of an AdvBench answer."})
+    general_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of a general answer."})
+    humaneval_timeout: float = field(default=10.0, metadata={"help": "Seconds one HumanEval program may run."})
+    eval_batch_size: str = field(
+        default="auto", metadata={"help": "Prompts generated together by the probes, or 'auto' (from free memory)."}
+    )
+
+    def __post_init__(self):
+        unknown = [name for name in self.probes if name not in PROBES]
+        if unknown:
+            raise ValueError(f"Unknown probe(s) {unknown}; choose among {list(PROBES)}.")
+        for name in ("gsm8k_samples", "humaneval_samples", "advbench_samples", "general_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be at least 1, or null for every item; got {value}.")
+        for name in ("gsm8k", "humaneval", "advbench", "general"):
+            if getattr(self, f"{name}_max_new_tokens") < 1:
+                raise ValueError(f"`{name}_max_new_tokens` must be at least 1.")
+        if self.humaneval_timeout <= 0:
+            raise ValueError(f"`humaneval_timeout` must be > 0, got {self.humaneval_timeout}.")
+        if isinstance(self.eval_batch_size, str) and self.eval_batch_size.isdigit():
+            self.eval_batch_size = int(self.eval_batch_size)
+        if self.eval_batch_size != "auto" and not (isinstance(self.eval_batch_size, int) and self.eval_batch_size > 0):
+            raise ValueError(f"`eval_batch_size` must be 'auto' or a positive integer, got {self.eval_batch_size!r}.")
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    label: str  # the table's column
+    score_key: str  # the key of the probe's result that is its score (None for `general`, scored against the seed)
+    samples_field: str  # the `ProbeArguments` fields that size it and bound its answers
+    max_new_tokens_field: str
+    run: Callable[..., dict[str, Any]]
+
+
+def _gsm8k(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
+    return evaluate_gsm8k(
+        model, tokenizer, items, batch_size=args.eval_batch_size, max_new_tokens=args.gsm8k_max_new_tokens
+    )
+
+
+def _humaneval(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
+    return evaluate_humaneval(
+        model,
+        tokenizer,
+        items,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.humaneval_max_new_tokens,
+        timeout=args.humaneval_timeout,
+    )
+
+
+def _advbench(jailbreak: bool):
+    def run(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
+        return evaluate_advbench(
+            model,
+            tokenizer,
+            items,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.advbench_max_new_tokens,
+            jailbreak=jailbreak,
+        )
+
+    return run
+
+
+def _general(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
+    answers = general_answers(
+        model, tokenizer, items, batch_size=args.eval_batch_size, max_new_tokens=args.general_max_new_tokens
+    )
+    return {"outputs": [{"prompt": p, "output": a} for p, a in zip(items, answers, strict=True)]}
+
+
+PROBES: dict[str, Probe] = {
+    probe.name: probe
+    for probe in (
+        Probe("gsm8k", "GSM8K", "accuracy", "gsm8k_samples", "gsm8k_max_new_tokens", _gsm8k),
+        Probe("humaneval", "HumanEval", "pass_at_1", "humaneval_samples", "humaneval_max_new_tokens", _humaneval),
+        Probe("advbench", "raw safe", "safe_rate", "advbench_samples", "advbench_max_new_tokens", _advbench(False)),
+        Probe(
+            "advbench_jailbreak",
+            "jailbreak safe",
+            "safe_rate",
+            "advbench_samples",
+            "advbench_max_new_tokens",
+            _advbench(True),
+        ),
+        Probe("general", "similarity to seed", "", "general_samples", "general_max_new_tokens", _general),
+    )
+}
+
+_LOADERS = {
+    "gsm8k": load_gsm8k_test,
+    "humaneval": load_humaneval,
+    "advbench": load_advbench,
+    "advbench_jailbreak": load_advbench,
+    "general": load_general_prompts,
+}
+
+
+def probe_items(name: str, args: ProbeArguments) -> list[Any]:
+    """The probe's questions: the same sample for every model."""
+    return _LOADERS[name](getattr(args, PROBES[name].samples_field), args.probe_seed)
+
+
+def probe_settings(name: str, args: ProbeArguments) -> dict[str, Any]:
+    """What a cached result must have been computed with to be reused."""
+    probe = PROBES[name]
+    settings = {
+        "samples": getattr(args, probe.samples_field),
+        "seed": args.probe_seed,
+        "max_new_tokens": getattr(args, probe.max_new_tokens_field),
+    }
+    if name == "humaneval":
+        settings["timeout"] = args.humaneval_timeout
+    return settings
+
+
+class ResultCache:
+    """`<root>/<model>/<probe>.json`: one probe's result for one model, with the settings it was computed with."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def path(self, model: str, probe: str) -> str:
+        return os.path.join(self.root, model, f"{probe}.json")
+
+    def get(self, model: str, probe: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            with open(self.path(model, probe), encoding="utf-8") as handle:
+                entry = json.load(handle)
+        except (FileNotFoundError, json.JSONDecodeError):  # not computed, or cut off mid-write by a crash
+            return None
+        return entry["result"] if entry.get("settings") == settings else None
+
+    def put(self, model: str, probe: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
+        path = self.path(model, probe)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.partial"
+        with open(partial, "w", encoding="utf-8") as handle:
+            json.dump({"probe": probe, "settings": settings, "result": result}, handle, indent=1)
+        os.replace(partial, path)  # a crash never leaves a half-written result behind
+
+
+def run_probe(
+    name: str, model_name: str, model, tokenizer, args: ProbeArguments, cache: ResultCache
+) -> dict[str, Any]:
+    """The probe's result for `model` (called `model_name` in the cache): from the cache, or computed and cached."""
+    settings = probe_settings(name, args)
+    result = cache.get(model_name, name, settings)
+    if result is None:
+        result = PROBES[name].run(model, tokenizer, args, probe_items(name, args))
+        cache.put(model_name, name, settings, result)
+    return result
+
+
+def settings_summary(args: ProbeArguments) -> dict[str, Any]:
+    """Every probe setting, for the report."""
+    return asdict(args)
