@@ -10,7 +10,14 @@ import torch
 from recipes import RECIPES, changed, snapshot, tiny_training_args
 from tiny_models import addition_rows
 
-from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer, SDFTConfig, SDFTTrainer
+from trl_selfdistill import (
+    DynSDPBConfig,
+    DynSDPBTrainer,
+    SDFTConfig,
+    SDFTDynSDPBConfig,
+    SDFTDynSDPBTrainer,
+    SDFTTrainer,
+)
 
 
 def training_args(tmp_path, recipe) -> dict:
@@ -55,6 +62,24 @@ def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, r
     # The distribution gap is scored by the seed model in this precision too (a forward pass over every target).
     assert 0 < trainer.distillation_report["seed_nll_reference"] < float("inf")
     train_and_check(trainer, recipe)
+
+
+@pytest.mark.parametrize(
+    "recipe", [RECIPES["bf16-lora"], RECIPES["qlora-nf4-bf16"]], ids=["bf16-lora", "qlora-nf4-bf16"]
+)
+def test_sdft_data_with_the_dynsdpb_loss_in_bf16_and_4bit(tmp_path, tiny_model_dir, recipe):
+    args = SDFTDynSDPBConfig(
+        **training_args(tmp_path, recipe),
+        distill_cache_dir=str(tmp_path / "cache"),
+        distill_generation_kwargs={"max_new_tokens": 8},
+        distill_batch_size=4,
+    )
+    trainer = SDFTDynSDPBTrainer(
+        model=tiny_model_dir, args=args, train_dataset=addition_rows(8), **recipe.model_kwargs()
+    )
+    assert trainer.distillation_report["generated"] == 8
+    logs = train_and_check(trainer, recipe)
+    assert all(entry["distill/loss"] > 0 for entry in logs[1:])
 
 
 def test_bf16_weights_stay_bf16(tmp_path, tiny_model_dir):

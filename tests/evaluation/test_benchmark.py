@@ -142,6 +142,14 @@ def test_benchmark_end_to_end_then_resumes_without_redoing_work(tmp_path, tiny_m
     assert changed == {os.path.join(model, "gsm8k.json") for model in ["seed", *ARMS]}
 
 
+def test_a_dataset_one_arm_refuses_fails_before_any_arm_trains(tmp_path, tiny_model_dir):
+    args = shared_config(tmp_path)
+    # One row cannot fill DynSDPB's batches of new and re-used samples; vanilla SFT, listed first, could train on it.
+    with pytest.raises(ValueError, match="The training dataset has 1 rows"):
+        run_forgetting_benchmark(tiny_model_dir, args, arithmetic_dataset(1), tiny_probes(), peft_config=lora())
+    assert not os.path.exists(args.output_dir)  # refused before the first arm trained
+
+
 def test_arm_configs_share_the_settings_and_differ_in_the_mode(tmp_path):
     shared = shared_config(tmp_path, learning_rate=3e-4, distill_temperature=2.0)
     sft = arm_config(ARMS["sft"], shared, str(tmp_path / "sft"))

@@ -75,6 +75,21 @@ def arm_config(arm: Arm, shared: SDFTDynSDPBConfig, output_dir: str) -> SFTConfi
     return arm.config_class(**values)
 
 
+def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset: Dataset) -> None:
+    """Each arm's config built and its trainer's own pre-loading checks run on the data, before the first arm trains.
+
+    Without this, a setting only one arm refuses (a dataset too small for DynSDPB's overlapping batches, a format SDFT
+    cannot rewrite) would fail after the arms before it had trained.
+    """
+    for name in names:
+        arm = ARMS[name]
+        args = arm_config(arm, shared, shared.output_dir)
+        if issubclass(arm.trainer_class, SDFTTrainer):
+            SDFTTrainer._validate_sdft_before_loading(args, train_dataset, None)
+        if issubclass(arm.trainer_class, DynSDPBTrainer):
+            DynSDPBTrainer._validate_dynsdpb_before_loading(args, train_dataset, {})
+
+
 def arm_record(arm_dir: str) -> dict[str, Any] | None:
     """What a finished arm recorded (train metrics, distillation report), or None if it has not finished."""
     path = os.path.join(arm_dir, ARM_RECORD_FILE)

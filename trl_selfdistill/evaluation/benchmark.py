@@ -28,8 +28,8 @@ from trl.trainer.utils import create_model_from_path
 
 from ..models import resolve_model_name
 from ..sdft_dynsdpb import SDFTDynSDPBConfig
-from .arms import ARMS, SEED_MODEL, check_arms, train_arm
-from .probes import PROBES, ProbeArguments, ResultCache, run_probe
+from .arms import ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm
+from .probes import ProbeArguments, ResultCache, run_probe
 from .report import check_chart_support, write_report
 from .similarity import SentenceEmbedder, mean_cosine_similarity
 
@@ -70,6 +70,7 @@ def run_forgetting_benchmark(
         embedder = SentenceEmbedder()  # loaded now: a missing embedder fails before hours of training
     model_path = resolve_model_name(model_name)
     shared = same_updates_for_every_arm(training_args, len(train_dataset))
+    check_arm_inputs(arms, shared, train_dataset)
     output_dir = training_args.output_dir
 
     records = {}
@@ -164,6 +165,3 @@ def similarity_to_seed(results: dict[str, dict[str, Any]], embedder: SentenceEmb
         for name, probes in results.items()
         if name != SEED_MODEL
     }
-
-
-__all__ = ["PROBES", "ProbeArguments", "run_forgetting_benchmark"]

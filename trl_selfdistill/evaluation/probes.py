@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .advbench import evaluate_advbench, load_advbench
@@ -79,6 +79,7 @@ class Probe:
     score_key: str  # the key of the probe's result that is its score (None for `general`, scored against the seed)
     samples_field: str  # the `ProbeArguments` fields that size it and bound its answers
     max_new_tokens_field: str
+    load: Callable[[int | None, int], list[Any]]  # (sample size, seed) -> the probe's items
     run: Callable[..., dict[str, Any]]
 
 
@@ -123,33 +124,48 @@ def _general(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
 PROBES: dict[str, Probe] = {
     probe.name: probe
     for probe in (
-        Probe("gsm8k", "GSM8K", "accuracy", "gsm8k_samples", "gsm8k_max_new_tokens", _gsm8k),
-        Probe("humaneval", "HumanEval", "pass_at_1", "humaneval_samples", "humaneval_max_new_tokens", _humaneval),
-        Probe("advbench", "raw safe", "safe_rate", "advbench_samples", "advbench_max_new_tokens", _advbench(False)),
+        Probe("gsm8k", "GSM8K", "accuracy", "gsm8k_samples", "gsm8k_max_new_tokens", load_gsm8k_test, _gsm8k),
         Probe(
-            "advbench_jailbreak",
-            "jailbreak safe",
-            "safe_rate",
-            "advbench_samples",
-            "advbench_max_new_tokens",
-            _advbench(True),
+            "humaneval",
+            "HumanEval",
+            "pass_at_1",
+            "humaneval_samples",
+            "humaneval_max_new_tokens",
+            load_humaneval,
+            _humaneval,
         ),
-        Probe("general", "similarity to seed", "", "general_samples", "general_max_new_tokens", _general),
+        *(
+            Probe(
+                name,
+                label,
+                "safe_rate",
+                "advbench_samples",
+                "advbench_max_new_tokens",
+                load_advbench,
+                _advbench(jailbreak),
+            )
+            for name, label, jailbreak in (
+                ("advbench", "raw safe", False),
+                ("advbench_jailbreak", "jailbreak safe", True),
+            )
+        ),
+        Probe(
+            "general",
+            "similarity to seed",
+            "",
+            "general_samples",
+            "general_max_new_tokens",
+            load_general_prompts,
+            _general,
+        ),
     )
-}
-
-_LOADERS = {
-    "gsm8k": load_gsm8k_test,
-    "humaneval": load_humaneval,
-    "advbench": load_advbench,
-    "advbench_jailbreak": load_advbench,
-    "general": load_general_prompts,
 }
 
 
 def probe_items(name: str, args: ProbeArguments) -> list[Any]:
     """The probe's questions: the same sample for every model."""
-    return _LOADERS[name](getattr(args, PROBES[name].samples_field), args.probe_seed)
+    probe = PROBES[name]
+    return probe.load(getattr(args, probe.samples_field), args.probe_seed)
 
 
 def probe_settings(name: str, args: ProbeArguments) -> dict[str, Any]:
@@ -201,8 +217,3 @@ def run_probe(
         result = PROBES[name].run(model, tokenizer, args, probe_items(name, args))
         cache.put(model_name, name, settings, result)
     return result
-
-
-def settings_summary(args: ProbeArguments) -> dict[str, Any]:
-    """Every probe setting, for the report."""
-    return asdict(args)
