@@ -1,7 +1,8 @@
 # Copyright 2026 The trl_selfdistill developers. Licensed under the Apache License, Version 2.0.
 """Self-Distillation Fine-Tuning (Yang et al., ACL 2024) with `SDFTTrainer`.
 
-The CPU demo (bundled SmolLM2-135M-Instruct, bundled GSM8K sample, before/after accuracy):
+The CPU demo (bundled SmolLM2-135M-Instruct learning the bundled two-digit addition task; before/after: the task's
+accuracy on held-out questions, and IFEval, scored by lm-eval, for what the model forgets):
 
     accelerate launch --cpu --num_processes 1 examples/sdft.py --config examples/configs/sdft_smollm2_cpu.yaml
 
@@ -10,7 +11,7 @@ The paper's recipe as QLoRA on one GPU (Llama-2-7b-chat, GSM8K):
     accelerate launch examples/sdft.py --config examples/configs/sdft_llama2_7b_gsm8k_qlora.yaml
 
 Datasets: a Hub name (`--dataset_name openai/gsm8k --dataset_config main`), a local json/jsonl/csv/parquet file or
-directory, or `bundled/gsm8k`. Raw GSM8K `question`/`answer` columns are converted to prompt-completion.
+directory, `bundled/gsm8k` or `bundled/addition`. Raw `question`/`answer` columns are converted to prompt-completion.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
 
 from trl_selfdistill import SDFTConfig, SDFTTrainer  # noqa: E402
-from trl_selfdistill.data import BUNDLED_GSM8K_NAME, load_task_dataset  # noqa: E402
+from trl_selfdistill.data import load_task_dataset  # noqa: E402
 from trl_selfdistill.evaluation.gsm8k import evaluate_gsm8k  # noqa: E402
+from trl_selfdistill.evaluation.ifeval import evaluate_ifeval, load_ifeval  # noqa: E402
 
 
 @dataclass
@@ -43,27 +45,48 @@ class SDFTScriptArguments(ScriptArguments):
         default="raw",
         metadata={"help": "Raw GSM8K answers: `raw` (as on the Hub) or `official` (the SDFT code's preparation)."},
     )
-    eval_gsm8k_samples: int = field(
+    eval_task_samples: int = field(
         default=0,
-        metadata={"help": "If > 0, GSM8K accuracy of the model before and after training on this many held-out rows."},
+        metadata={
+            "help": "If > 0, the task's accuracy before and after training on this many held-out rows (the last "
+            "number of the answer against the reference's, asked with the GSM8K evaluation prompt)."
+        },
     )
-    eval_gsm8k_dataset: str = field(
-        default=BUNDLED_GSM8K_NAME, metadata={"help": "GSM8K held-out data (name or path), split `test`."}
+    eval_task_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out task data (name or path), split `dataset_test_split`: default "
+            "the training dataset's name."
+        },
     )
-    eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of the GSM8K probe."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the GSM8K probe."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of a task answer."})
+    eval_ifeval_samples: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, IFEval (prompt-level strict, scored by lm-eval) before and after, on this many "
+            "of the 541 bundled prompts: what the model forgets."
+        },
+    )
+    eval_ifeval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of an IFEval answer."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the before/after probes."})
 
 
-def gsm8k_accuracy(trainer: SDFTTrainer, script_args: SDFTScriptArguments, held_out) -> float:
+def probe(trainer: SDFTTrainer, script_args: SDFTScriptArguments, held_out, ifeval_rows) -> dict[str, float]:
+    """The task's accuracy and IFEval's prompt-level strict accuracy of the trainer's model (as far as asked)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    result = evaluate_gsm8k(
-        model,
-        trainer.processing_class,
-        held_out,
-        batch_size=script_args.eval_batch_size,
-        max_new_tokens=script_args.eval_max_new_tokens,
-    )
-    return result["accuracy"]
+    tokenizer, batch_size = trainer.processing_class, script_args.eval_batch_size
+    scores = {}
+    if held_out is not None:
+        result = evaluate_gsm8k(
+            model, tokenizer, held_out, batch_size=batch_size, max_new_tokens=script_args.eval_max_new_tokens
+        )
+        scores["task_accuracy"] = result["accuracy"]
+    if ifeval_rows:
+        result = evaluate_ifeval(
+            model, tokenizer, ifeval_rows, batch_size=batch_size, max_new_tokens=script_args.eval_ifeval_max_new_tokens
+        )
+        scores["ifeval_prompt_level_strict_acc"] = result["prompt_level_strict_acc"]
+    return scores
 
 
 def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args: ModelConfig) -> None:
@@ -90,26 +113,40 @@ def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args
     )
     trainer.accelerator.print("SDFT distillation report:\n" + json.dumps(trainer.distillation_report, indent=2))
 
-    results = {}
-    if script_args.eval_gsm8k_samples > 0:
+    held_out = None
+    if script_args.eval_task_samples > 0:
         held_out = load_task_dataset(
-            script_args.eval_gsm8k_dataset,
+            script_args.eval_task_dataset or script_args.dataset_name,
             split=script_args.dataset_test_split,
-            max_samples=script_args.eval_gsm8k_samples,
+            max_samples=script_args.eval_task_samples,
         )
-        # The fresh LoRA adapter is the identity, so this is the seed model.
-        results["gsm8k_accuracy_before"] = gsm8k_accuracy(trainer, script_args, held_out)
+    ifeval_rows = load_ifeval(script_args.eval_ifeval_samples) if script_args.eval_ifeval_samples > 0 else []
+    # The fresh LoRA adapter is the identity, so this is the seed model.
+    before = probe(trainer, script_args, held_out, ifeval_rows)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
-    if script_args.eval_gsm8k_samples > 0:
-        results["gsm8k_accuracy_after"] = gsm8k_accuracy(trainer, script_args, held_out)
-        trainer.log({f"eval/{key}": value for key, value in results.items()})
-        trainer.accelerator.print(
-            f"GSM8K accuracy on {len(held_out)} held-out questions: "
-            f"before {results['gsm8k_accuracy_before']:.1%}, after SDFT {results['gsm8k_accuracy_after']:.1%}"
+    if before:
+        after = probe(trainer, script_args, held_out, ifeval_rows)
+        trainer.log(
+            {
+                f"eval/{key}_{when}": value
+                for when, scores in (("before", before), ("after", after))
+                for key, value in scores.items()
+            }
         )
+        if held_out is not None:
+            trainer.accelerator.print(
+                f"Task accuracy on {len(held_out)} held-out questions (what SDFT teaches): "
+                f"before {before['task_accuracy']:.1%}, after SDFT {after['task_accuracy']:.1%}"
+            )
+        if ifeval_rows:
+            trainer.accelerator.print(
+                f"IFEval prompt-level strict accuracy on {len(ifeval_rows)} prompts (what it forgets): "
+                f"before {before['ifeval_prompt_level_strict_acc']:.1%}, "
+                f"after SDFT {after['ifeval_prompt_level_strict_acc']:.1%}"
+            )
     trainer.accelerator.print(
         f"Distilled dataset, report and adapter saved to {training_args.output_dir} "
         f"({trainer.distillation_report['accepted']}/{trainer.distillation_report['total']} rewrites accepted)."

@@ -80,3 +80,14 @@ def test_sizes_that_cannot_make_a_batch_are_refused_before_anything_is_built():
         timeout=120,
     )
     assert result.returncode == 2 and "raise --sequence-length or lower --prompt-tokens" in result.stderr
+
+
+@pytest.mark.slow
+def test_probe_speed_benchmark_compares_both_dtypes(tmp_path):
+    out = tmp_path / "probe_speed.json"
+    stdout = run("probe_speed.py", "--rows", "2", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out))
+    assert stdout.strip().splitlines()[-1].startswith("ratios | bfloat16: ")
+    record = json.loads(out.read_text())
+    assert set(record["runs"]) == {"torch.float32", "torch.bfloat16"}
+    assert record["prompts"] == 4 and 0 <= record["same_answers"] <= 4
+    assert all(timing["tokens_per_s"] > 0 for timing in record["runs"].values())

@@ -63,7 +63,7 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
                "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
                "--distill_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
                "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
-               "--eval_gsm8k_samples", "2", "--eval_gsm8k_dataset", str(tmp_path / "train.jsonl"),
+               "--eval_task_samples", "2", "--eval_task_dataset", str(tmp_path / "train.jsonl"),
                "--dataset_test_split", "train", "--eval_max_new_tokens", "4"]  # fmt: skip
     if peft:
         command += ["--use_peft", "--lora_target_modules", "q_proj", "v_proj"]

@@ -13,7 +13,17 @@ import pytest
 from datasets import Dataset
 
 from trl_selfdistill import models
-from trl_selfdistill.data import BUNDLED_GSM8K_NAME, bundled_gsm8k, gsm8k_to_prompt_completion, load_task_dataset
+from trl_selfdistill.data import (
+    BUNDLED_ADDITION_NAME,
+    BUNDLED_GSM8K_NAME,
+    addition_answer,
+    bundled_addition,
+    bundled_gsm8k,
+    gsm8k_to_prompt_completion,
+    load_task_dataset,
+    make_addition_rows,
+)
+from trl_selfdistill.evaluation.gsm8k import score_gsm8k_answer
 from trl_selfdistill.models import BUNDLED_MODEL_NAME, bundled_model_path, resolve_model_name
 from trl_selfdistill.paths import default_cache_dir
 
@@ -233,6 +243,33 @@ def test_load_task_dataset_bundled():
     assert len(dataset) == 1319
     assert dataset.column_names == ["prompt", "completion"]
     assert dataset[0]["prompt"][0]["role"] == "user"
+
+
+def test_bundled_addition_files_are_the_generators_output():
+    generated = make_addition_rows()
+    for split in ("train", "test"):
+        assert bundled_addition(split).to_list() == generated[split]
+
+
+def test_bundled_addition_splits_are_disjoint_and_answers_right():
+    train, test = bundled_addition("train"), bundled_addition("test")
+    assert (len(train), len(test)) == (256, 500)
+    assert not set(train["question"]) & set(test["question"])
+    for row in train.to_list() + test.to_list():
+        a, b = (int(x) for x in row["question"].removeprefix("What is ").removesuffix("?").split(" + "))
+        assert row["answer"].endswith(f"The answer is {a + b}.")
+        assert score_gsm8k_answer(row["answer"], row["answer"])
+    assert addition_answer(59, 63) == "59 + 63 = (50 + 60) + (9 + 3) = 110 + 12 = 122.\nThe answer is 122."
+    assert len(bundled_addition("train", n=7)) == 7
+    with pytest.raises(ValueError, match="Unknown bundled addition split"):
+        bundled_addition("validation")
+
+
+def test_load_task_dataset_bundled_addition():
+    dataset = load_task_dataset(BUNDLED_ADDITION_NAME)
+    assert len(dataset) == 256
+    assert dataset.column_names == ["prompt", "completion"]
+    assert dataset[0]["prompt"][0]["content"] == bundled_addition("train", n=1)[0]["question"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,10 +1,11 @@
-"""Data utilities: the bundled GSM8K sample, GSM8K -> conversational prompt-completion, and task loading."""
+"""Data utilities: the bundled GSM8K sample and addition task, GSM8K to prompt-completion, and task loading."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -14,13 +15,25 @@ from .paths import bundled_resource
 
 BUNDLED_GSM8K_NAME = "bundled/gsm8k"
 """Name accepted by :func:`load_task_dataset` for the GSM8K sample shipped with the package."""
+BUNDLED_ADDITION_NAME = "bundled/addition"
+"""Name accepted by :func:`load_task_dataset` for the two-digit addition task shipped with the package."""
 
 _BUNDLED_GSM8K_FILES = {"train": "gsm8k_train_sample.jsonl", "test": "gsm8k_test.jsonl.gz"}
+_BUNDLED_ADDITION_FILES = {"train": "addition_train.jsonl", "test": "addition_test.jsonl"}
+ADDITION_SPLIT_SIZES = {"train": 256, "test": 500}
+_ADDITION_SEED = 2026
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 GSM8K_STYLES = ("raw", "official")
 """Answer styles of :func:`gsm8k_to_prompt_completion`: the Hub rows as they are, or the official SDFT preparation."""
 _CALCULATOR_ANNOTATION = re.compile(r"<<.*?>>")
 _FINAL_ANSWER = re.compile(r"\n#### (.*)$")
+
+
+def _read_rows(name: str) -> list[dict]:
+    resource = bundled_resource(name)
+    raw = resource.read_bytes()
+    text = (gzip.decompress(raw) if resource.name.endswith(".gz") else raw).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
@@ -31,11 +44,50 @@ def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
     """
     if split not in _BUNDLED_GSM8K_FILES:
         raise ValueError(f"Unknown bundled GSM8K split {split!r}; expected one of {sorted(_BUNDLED_GSM8K_FILES)}.")
-    resource = bundled_resource(_BUNDLED_GSM8K_FILES[split])
-    raw = resource.read_bytes()
-    text = (gzip.decompress(raw) if resource.name.endswith(".gz") else raw).decode("utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    dataset = Dataset.from_list(rows)
+    dataset = Dataset.from_list(_read_rows(_BUNDLED_GSM8K_FILES[split]))
+    if n is not None:
+        dataset = dataset.select(range(min(n, len(dataset))))
+    return dataset
+
+
+def addition_answer(a: int, b: int) -> str:
+    """The reference answer of ``What is a + b?``: tens and ones added apart, then together, then the answer line."""
+    tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
+    return (
+        f"{a} + {b} = ({a // 10 * 10} + {b // 10 * 10}) + ({a % 10} + {b % 10}) = {tens} + {ones} = {a + b}.\n"
+        f"The answer is {a + b}."
+    )
+
+
+def make_addition_rows() -> dict[str, list[dict]]:
+    """The two-digit addition task, as bundled: ``{"train": rows, "test": rows}`` of ``question``/``answer`` rows.
+
+    Every ordered pair of two-digit numbers is shuffled with a fixed seed; the first 256 pairs are the training
+    split and the next 500 the test split, so no test question is a training question. The bundled files are this
+    function's output (a test checks it).
+    """
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(_ADDITION_SEED).shuffle(pairs)
+    splits, start = {}, 0
+    for split, size in ADDITION_SPLIT_SIZES.items():
+        chosen = pairs[start : start + size]
+        splits[split] = [{"question": f"What is {a} + {b}?", "answer": addition_answer(a, b)} for a, b in chosen]
+        start += size
+    return splits
+
+
+def bundled_addition(split: str = "train", n: int | None = None) -> Dataset:
+    """Raw rows (``question``, ``answer``) of the two-digit addition task shipped with the package.
+
+    The forgetting benchmark's default task, written for this project (see :func:`make_addition_rows`): 256
+    training and 500 test questions such as ``What is 59 + 63?``, answered step by step and ending in
+    ``The answer is 122.`` (the ending the GSM8K checker and probe read). ``n`` keeps only the first ``n`` rows.
+    """
+    if split not in _BUNDLED_ADDITION_FILES:
+        raise ValueError(
+            f"Unknown bundled addition split {split!r}; expected one of {sorted(_BUNDLED_ADDITION_FILES)}."
+        )
+    dataset = Dataset.from_list(_read_rows(_BUNDLED_ADDITION_FILES[split]))
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     return dataset
@@ -94,6 +146,7 @@ def load_task_dataset(
     """Load a task dataset by name or path and return it ready for training.
 
     - ``"bundled/gsm8k"``: the GSM8K sample shipped with the package (``split`` = ``"train"`` or ``"test"``);
+    - ``"bundled/addition"``: the two-digit addition task shipped with the package (``"train"`` or ``"test"``);
     - a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file (all its rows, whatever ``split`` says), a
       directory of such files (splits inferred from file names, e.g. ``train.jsonl``/``test.jsonl``), or a
       directory written by ``save_to_disk``;
@@ -106,6 +159,8 @@ def load_task_dataset(
         raise ValueError(f"Unknown GSM8K style {gsm8k_style!r}; expected one of {list(GSM8K_STYLES)}.")
     if name_or_path == BUNDLED_GSM8K_NAME:
         dataset = bundled_gsm8k(split)
+    elif name_or_path == BUNDLED_ADDITION_NAME:
+        dataset = bundled_addition(split)
     elif os.path.exists(name_or_path):
         path = Path(name_or_path)
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):

@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
-from trl import SFTConfig
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import SDFTDynSDPBConfig
 from trl_selfdistill.dynsdpb.config import DynSDPBConfig
-from trl_selfdistill.evaluation.arms import ARM_RECORD_FILE, ARMS, arm_config, check_arms
-from trl_selfdistill.evaluation.benchmark import RESULTS_DIR, run_forgetting_benchmark, same_updates_for_every_arm
+from trl_selfdistill.evaluation.arms import (
+    ARM_RECORD_FILE,
+    ARMS,
+    arm_config,
+    arm_record,
+    check_arms,
+    train_arm,
+    weights_digest,
+)
+from trl_selfdistill.evaluation.benchmark import (
+    RESULTS_DIR,
+    arm_dir,
+    check_seeds,
+    run_forgetting_benchmark,
+    same_updates_for_every_arm,
+)
 from trl_selfdistill.evaluation.probes import ProbeArguments, ResultCache, probe_items, probe_settings
-from trl_selfdistill.evaluation.report import CHART_FILE, REPORT_JSON, REPORT_MARKDOWN, markdown_table
+from trl_selfdistill.evaluation.report import CHART_FILE, REPORT_JSON, REPORT_MARKDOWN, recorded_training_settings
 
 PROBE_NAMES = ["gsm8k", "humaneval", "advbench", "advbench_jailbreak", "general"]
 
@@ -48,6 +64,10 @@ def shared_config(tmp_path, **overrides) -> SDFTDynSDPBConfig:
 
 def tiny_probes(**overrides) -> ProbeArguments:
     defaults = dict(
+        addition_samples=2,
+        ifeval_samples=3,
+        addition_max_new_tokens=6,
+        ifeval_max_new_tokens=6,
         gsm8k_samples=2,
         humaneval_samples=2,
         advbench_samples=2,
@@ -71,75 +91,156 @@ def adapter_weights(arm_dir: str) -> dict[str, torch.Tensor]:
 
 
 def result_mtimes(output_dir: str) -> dict[str, float]:
+    """`{<model>/<probe>.json: mtime}` for every cached result (`seed/...` and `<arm>/seed-<seed>/...`)."""
     root = os.path.join(output_dir, RESULTS_DIR)
     return {
-        os.path.join(model, name): os.stat(os.path.join(root, model, name)).st_mtime_ns
-        for model in os.listdir(root)
-        for name in os.listdir(os.path.join(root, model))
+        os.path.relpath(os.path.join(folder, name), root): os.stat(os.path.join(folder, name)).st_mtime_ns
+        for folder, _, names in os.walk(root)
+        for name in names
+        if name.endswith(".json")
     }
 
 
-def test_benchmark_end_to_end_then_resumes_without_redoing_work(tmp_path, tiny_model_dir):
+def record_mtimes(output_dir: str) -> dict[str, float]:
+    return {
+        path: os.stat(path).st_mtime_ns
+        for path in (
+            os.path.join(output_dir, arm, f"seed-{seed}", ARM_RECORD_FILE) for arm in HEADLINE_ARMS for seed in SEEDS
+        )
+    }
+
+
+HEADLINE_ARMS = ["sft", "sdft", "dynsdpb"]
+SEEDS = [3, 4]
+TINY_PROBES = ["addition", "ifeval", "general"]
+
+
+def runs_of(arms=HEADLINE_ARMS, seeds=SEEDS) -> list[str]:
+    return [f"{arm}/seed-{seed}" for seed in seeds for arm in arms]
+
+
+def test_benchmark_end_to_end_with_two_seeds_then_resumes_without_redoing_work(tmp_path, tiny_model_dir):
     args = shared_config(tmp_path)
-    report = run_forgetting_benchmark(tiny_model_dir, args, arithmetic_dataset(), tiny_probes(), peft_config=lora())
+    probes = tiny_probes(probes=TINY_PROBES)
+
+    def run(**overrides):
+        config = shared_config(tmp_path, **overrides)
+        return run_forgetting_benchmark(
+            tiny_model_dir, config, arithmetic_dataset(), probes, HEADLINE_ARMS, seeds=SEEDS, peft_config=lora()
+        )
+
+    report = run()
     output_dir = args.output_dir
 
-    # Every arm trained: its adapter moved away from LoRA's identity start (B = 0), and the arms differ.
-    weights = {arm: adapter_weights(os.path.join(output_dir, arm)) for arm in ARMS}
-    for arm, tensors in weights.items():
-        b_norm = sum(t.norm() for name, t in tensors.items() if "lora_B" in name)
-        assert b_norm > 0, f"{arm} did not train"
-    key = next(name for name in weights["sft"] if "lora_B" in name)
-    assert not torch.equal(weights["sft"][key], weights["sdft"][key])
-    assert not torch.equal(weights["dynsdpb"][key], weights["dlb"][key])  # dynamic vs constant weighting
+    # Every arm trained once per seed: each adapter moved away from LoRA's identity start, and the seeds differ.
+    weights = {(arm, seed): adapter_weights(arm_dir(output_dir, arm, seed)) for arm in HEADLINE_ARMS for seed in SEEDS}
+    for run_key, tensors in weights.items():
+        assert sum(t.norm() for name, t in tensors.items() if "lora_B" in name) > 0, f"{run_key} did not train"
+    key = next(name for name in weights["sft", 3] if "lora_B" in name)
+    assert not torch.equal(weights["sft", 3][key], weights["sft", 4][key])
+    assert not torch.equal(weights["sft", 3][key], weights["sdft", 3][key])
+    records = {(arm, seed): arm_record(arm_dir(output_dir, arm, seed)) for arm in HEADLINE_ARMS for seed in SEEDS}
+    assert {record["global_step"] for record in records.values()} == {2}
+    assert {record["seed"] for record in records.values()} == set(SEEDS)
+    assert records["sdft", 3]["distillation"]["total"] == 8
 
-    # The arms that rewrite recorded the rewrite and its distribution gap; both rewrote the same rows.
-    records = {arm: json.loads(open(os.path.join(output_dir, arm, ARM_RECORD_FILE)).read()) for arm in ARMS}
-    for arm in ("sdft", "sdft_dynsdpb"):
-        assert records[arm]["distillation"]["total"] == 8
-        assert records[arm]["distillation"]["seed_nll_reference"] > 0
-    assert records["sdft"]["distillation"]["accepted"] == records["sdft_dynsdpb"]["distillation"]["accepted"]
-    assert {records[arm]["global_step"] for arm in ARMS} == {2}  # the same updates for every arm
-
-    # The report: every model and probe scored, as fractions; the similarity is to the seed model.
-    assert report["models"] == ["seed", *ARMS]
-    assert report["items"] == {"gsm8k": 2, "humaneval": 2, "advbench": 2, "advbench_jailbreak": 2, "general": 2}
-    for model, row in report["scores"].items():
-        for probe in ("gsm8k", "humaneval", "advbench", "advbench_jailbreak"):
-            assert 0.0 <= row[probe] <= 1.0
-        assert (row["general"] is None) == (model == "seed")
-        if model != "seed":
-            assert -1.0 <= row["general"] <= 1.0
-    for model, errors in report["standard_errors"].items():  # binomial for the rates, over the 2 items
-        rate = report["scores"][model]["advbench"]
-        assert errors["advbench"] == pytest.approx((rate * (1 - rate) / 2) ** 0.5)
-        assert (errors["general"] is None) == (model == "seed")
-    assert report["lora"] == {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    saved = json.loads(open(os.path.join(output_dir, REPORT_JSON)).read())
-    assert saved["scores"] == report["scores"]
+    # The report: means over the two seeds, with intervals; differences paired with SFT and with the seed model.
+    assert report["models"] == ["seed", *HEADLINE_ARMS] and report["seeds"] == SEEDS
+    assert report["items"] == {"addition": 2, "ifeval": 3, "general": 2}
+    for arm in HEADLINE_ARMS:
+        for probe in TINY_PROBES:
+            runs = report["per_seed"][arm][probe]
+            assert len(runs) == 2 and report["scores"][arm][probe]["mean"] == pytest.approx(sum(runs) / 2)
+            assert report["scores"][arm][probe]["low"] <= report["scores"][arm][probe]["mean"]
+    assert set(report["vs_sft"]) == {"sdft", "dynsdpb"} and set(report["vs_seed"]) == set(HEADLINE_ARMS)
+    assert report["scores"]["seed"]["general"] is None and "general" not in report["vs_seed"]["sft"]
+    assert set(report["ifeval"]["seed"]) == {
+        "prompt_level_strict_acc",
+        "inst_level_strict_acc",
+        "prompt_level_loose_acc",
+        "inst_level_loose_acc",
+    }
+    assert report["targets"]["task_probe"] == "addition"
+    assert report["training"]["learning_rate"] == 1e-2 and report["elapsed_seconds"] > 0
+    assert json.loads(open(os.path.join(output_dir, REPORT_JSON)).read())["scores"] == report["scores"]
     table = open(os.path.join(output_dir, REPORT_MARKDOWN)).read()
-    assert table.count("\n| ") >= 6 and "SDFT data + DynSDPB loss" in table and "GSM8K (n=2)" in table
-    for probe in PROBE_NAMES:
-        chart = os.path.join(output_dir, CHART_FILE.format(probe=probe))
-        assert open(chart, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "Difference from vanilla SFT" in table and "addition (task) (n=2)" in table
+    for probe in TINY_PROBES:
+        assert open(os.path.join(output_dir, CHART_FILE.format(probe=probe)), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
-    # The cached answers are the ones scored: the seed's GSM8K rate is its per-row outcomes.
-    seed_gsm8k = json.loads(open(os.path.join(output_dir, RESULTS_DIR, "seed", "gsm8k.json")).read())["result"]
-    assert report["scores"]["seed"]["gsm8k"] == sum(o["correct"] for o in seed_gsm8k["outputs"]) / 2
-
-    # A rerun trains nothing and recomputes nothing; a changed probe setting recomputes only that probe.
-    records_before = {arm: os.stat(os.path.join(output_dir, arm, ARM_RECORD_FILE)).st_mtime_ns for arm in ARMS}
+    # A rerun trains nothing and recomputes nothing.
+    records_before = record_mtimes(output_dir)
     results_before = result_mtimes(output_dir)
-    again = run_forgetting_benchmark(tiny_model_dir, args, arithmetic_dataset(), tiny_probes(), peft_config=lora())
-    assert again["scores"] == report["scores"]
-    assert {arm: os.stat(os.path.join(output_dir, arm, ARM_RECORD_FILE)).st_mtime_ns for arm in ARMS} == records_before
-    assert result_mtimes(output_dir) == results_before
+    assert run()["scores"] == report["scores"]
+    assert record_mtimes(output_dir) == records_before and result_mtimes(output_dir) == results_before
 
-    more_gsm8k = tiny_probes(gsm8k_samples=3)
-    run_forgetting_benchmark(tiny_model_dir, args, arithmetic_dataset(), more_gsm8k, peft_config=lora())
+    # Another learning rate: every arm is trained again, and every result of a retrained arm is computed again;
+    # the report's settings are the ones that produced its numbers.
+    changed = run(learning_rate=5e-3)
+    assert changed["training"]["learning_rate"] == 5e-3
+    for arm in HEADLINE_ARMS:
+        for seed in SEEDS:
+            assert arm_record(arm_dir(output_dir, arm, seed))["settings"]["learning_rate"] == 5e-3
     after = result_mtimes(output_dir)
-    changed = {path for path in after if after[path] != results_before[path]}
-    assert changed == {os.path.join(model, "gsm8k.json") for model in ["seed", *ARMS]}
+    assert {path for path in after if after[path] != results_before[path]} == {
+        os.path.join(run_key, f"{probe}.json") for run_key in runs_of() for probe in ("addition", "ifeval")
+    } | {os.path.join(run_key, "general.json") for run_key in runs_of()}
+
+
+def test_a_deleted_arm_retrained_gets_new_probe_results(tmp_path, tiny_model_dir):
+    """Deleting an arm's folder and rerunning with another learning rate must not reuse its old probe results."""
+    probes = tiny_probes(probes=["addition"])
+
+    def run(learning_rate):
+        config = shared_config(tmp_path, learning_rate=learning_rate)
+        return run_forgetting_benchmark(
+            tiny_model_dir, config, arithmetic_dataset(), probes, ["sft"], seeds=[3], peft_config=lora()
+        )
+
+    run(1e-2)
+    cached = os.path.join(tmp_path, "benchmark", RESULTS_DIR, "sft", "seed-3", "addition.json")
+    before = json.loads(open(cached).read())["settings"]["model"]["weights_sha256"]
+    shutil.rmtree(os.path.join(tmp_path, "benchmark", "sft"))
+    run(5e-3)
+    after = json.loads(open(cached).read())["settings"]["model"]["weights_sha256"]
+    assert after != before  # recomputed for the new adapter
+    assert after == weights_digest(arm_dir(str(tmp_path / "benchmark"), "sft", 3))
+
+
+def test_a_resumed_arm_reports_the_uninterrupted_train_loss(tmp_path, tiny_model_dir):
+    """A run killed after a checkpoint and resumed reports the whole run's train loss, as an uninterrupted one does."""
+    dataset = arithmetic_dataset()
+    straight = train_arm(
+        ARMS["sft"],
+        tiny_model_dir,
+        shared_config(tmp_path, max_steps=4),
+        dataset,
+        str(tmp_path / "straight"),
+        peft_config=lora(),
+    )
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt  # as a kill would, after checkpoint-2 was saved
+
+    interrupted = str(tmp_path / "interrupted")
+    config = shared_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    original = SFTTrainer.__init__
+
+    def crashing_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(Crash())
+
+    SFTTrainer.__init__ = crashing_init
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_arm(ARMS["sft"], tiny_model_dir, config, dataset, interrupted, peft_config=lora())
+    finally:
+        SFTTrainer.__init__ = original
+    resumed = train_arm(ARMS["sft"], tiny_model_dir, config, dataset, interrupted, peft_config=lora())
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["train"]["train_loss"] == pytest.approx(straight["train"]["train_loss"], rel=1e-6)
 
 
 def test_a_dataset_one_arm_refuses_fails_before_any_arm_trains(tmp_path, tiny_model_dir):
@@ -173,6 +274,10 @@ def test_bad_arms_and_probe_settings_fail_early():
         check_arms(["sft", "sfdt"])
     with pytest.raises(ValueError, match="listed twice"):
         check_arms(["sft", "sft"])
+    with pytest.raises(ValueError, match="seed is listed twice"):
+        check_seeds([1, 1])
+    with pytest.raises(ValueError, match="at least one training seed"):
+        check_seeds([])
     with pytest.raises(ValueError, match=r"Unknown probe\(s\) \['mmlu'\]"):
         ProbeArguments(probes=["gsm8k", "mmlu"])
     with pytest.raises(ValueError, match="`advbench_samples` must be at least 1"):
@@ -196,43 +301,20 @@ def test_result_cache_reuses_only_results_of_the_same_settings(tmp_path):
     cache.put("sft", "humaneval", settings, {"pass_at_1": 0.5})
     assert cache.get("sft", "humaneval", settings) == {"pass_at_1": 0.5}
     assert cache.get("sft", "humaneval", probe_settings("humaneval", tiny_probes(humaneval_timeout=9.0))) is None
+    other_weights = probe_settings("humaneval", tiny_probes(), {"weights_sha256": "another adapter"})
+    assert cache.get("sft", "humaneval", other_weights) is None
     assert cache.get("sdft", "humaneval", settings) is None
     with open(cache.path("sft", "gsm8k"), "w") as handle:
         handle.write('{"probe": "gsm8k", "sett')  # cut off by a crash
     assert cache.get("sft", "gsm8k", settings) is None
 
 
-def test_markdown_table_in_the_papers_shape():
-    report = {
-        "models": ["seed", "sft", "sdft"],
-        "labels": {"seed": "seed", "sft": "vanilla SFT", "sdft": "SDFT"},
-        "items": {"gsm8k": 50, "advbench": 20, "general": 10},
-        "scores": {
-            "seed": {"gsm8k": 0.02, "advbench": 0.95, "general": None},
-            "sft": {"gsm8k": 0.04, "advbench": 0.8, "general": 0.75},
-            "sdft": {"gsm8k": 0.06, "advbench": 0.9, "general": 0.8512},
-        },
-        "distribution_gap": {
-            "sdft": {"total": 64, "accepted": 20, "seed_nll_reference": 1.4471, "seed_nll_distilled": 1.3111}
-        },
-    }
-    assert markdown_table(report) == (
-        "| model | GSM8K (n=50) | raw safe (n=20) | similarity to seed (n=10) |\n"
-        "|---|---|---|---|\n"
-        "| seed | 2.0 | 95.0 | — |\n"
-        "| vanilla SFT | 4.0 | 80.0 | 0.750 |\n"
-        "| SDFT | 6.0 | 90.0 | 0.851 |\n"
-        "\nDistribution gap of the training targets (the seed model's mean per-token NLL, lower is closer to its "
-        "own distribution):\n\n| arm | rewrites accepted | NLL of the references | NLL of the targets trained on |\n"
-        "|---|---|---|---|\n"
-        "| SDFT | 20/64 | 1.447 | 1.311 |\n"
-    )
-    report["standard_errors"] = {
-        "seed": {"gsm8k": 0.0198, "advbench": 0.0487, "general": None},
-        "sft": {"gsm8k": 0.0277, "advbench": 0.0894, "general": 0.021},
-        "sdft": {"gsm8k": 0.0336, "advbench": 0.0671, "general": 0.0104},
-    }
-    table = markdown_table(report)
-    assert "| vanilla SFT | 4.0 ± 2.8 | 80.0 ± 8.9 | 0.750 ± 0.021 |\n" in table
-    assert "| seed | 2.0 ± 2.0 | 95.0 ± 4.9 | — |\n" in table
-    assert "± one standard error" in table
+def test_the_report_refuses_arms_trained_with_different_settings():
+    def record(seed, learning_rate, mode="dynamic"):
+        return {"settings": {"seed": seed, "learning_rate": learning_rate, "max_steps": 2, "distill_mode": mode}}
+
+    same = {"sft": {3: record(3, 1e-3), 4: record(4, 1e-3)}, "dlb": {3: record(3, 1e-3, "constant")}}
+    assert recorded_training_settings(same) == {"learning_rate": 1e-3, "max_steps": 2}
+    mixed = {"sft": {3: record(3, 1e-3)}, "sdft": {3: record(3, 5e-3)}}
+    with pytest.raises(ValueError, match=r"different `learning_rate`: sft/seed-3 has 0.001, sdft/seed-3 has 0.005"):
+        recorded_training_settings(mixed)

@@ -17,7 +17,9 @@ from trl_selfdistill.evaluation.humaneval import (
     load_humaneval,
     score_humaneval_answer,
 )
+from trl_selfdistill.evaluation.sandbox import _namespace_support
 from trl_selfdistill.generation import Completion
+from trl_selfdistill.paths import bundled_resource
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox relies on POSIX rlimits")
 
@@ -76,7 +78,7 @@ def test_full_function_keeps_the_prompts_imports_and_helpers(problems):
     body = problem["canonical_solution"]
     answer = f"```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n{body}```"
     program = humaneval_program(problem, answer)
-    assert program.startswith("from typing import List\n")
+    assert program.splitlines()[1] == "from typing import List"  # right after the line that renames __main__
     assert program.endswith("\ncheck(has_close_elements)\n")
     assert problem["test"] in program
     assert score_humaneval_answer(problem, answer)
@@ -91,13 +93,70 @@ def test_full_function_keeps_the_prompts_imports_and_helpers(problems):
 def test_body_continuation_is_appended_to_the_prompt(problems):
     problem = problems["HumanEval/2"]
     program = humaneval_program(problem, "    return number % 1.0\n")
-    assert program.startswith(problem["prompt"] + "    return number % 1.0\n")
+    assert program.split("\n", 1)[1].startswith(problem["prompt"] + "    return number % 1.0\n")
 
 
 def test_wrong_solution_fails(problems):
     problem = problems["HumanEval/2"]  # truncate_number: the decimal part
     assert not score_humaneval_answer(problem, "```python\ndef truncate_number(number):\n    return number\n```")
     assert not score_humaneval_answer(problem, "    return 0.0\n")
+
+
+# A wrong truncate_number (HumanEval/2) followed by code that ends the program with exit code 0 before the tests run.
+_WRONG_TRUNCATE = "def truncate_number(number: float) -> float:\n    return number\n"
+_EARLY_EXITS = {
+    "os._exit": "import os\nos._exit(0)\n",
+    "unittest.main": "import unittest\nunittest.main()\n",  # no tests found: SystemExit(0) on Python < 3.12
+    "unittest.main under __main__": (  # the model's own (passing) test case, as code models add unprompted
+        "import unittest\n\nclass TestTruncate(unittest.TestCase):\n    def test_whole(self):\n"
+        "        self.assertEqual(truncate_number(1.0), 1.0)\n\n"
+        'if __name__ == "__main__":\n    unittest.main()\n'
+    ),
+    "atexit os._exit": "import atexit, os\natexit.register(lambda: os._exit(0))\n",  # runs after check() raises
+}
+
+
+@pytest.mark.parametrize("exit_code", _EARLY_EXITS.values(), ids=_EARLY_EXITS.keys())
+def test_wrong_solution_that_exits_zero_early_fails(problems, exit_code):
+    answer = f"```python\n{_WRONG_TRUNCATE}\n{exit_code}```"
+    assert not score_humaneval_answer(problems["HumanEval/2"], answer)
+
+
+def test_right_solution_with_its_own_main_block_passes(problems):
+    # As in the official harness, the program does not run as __main__: the model's test block stays out of the way.
+    right = "def truncate_number(number: float) -> float:\n    return number % 1.0\n"
+    answer = f"```python\n{right}\n{_EARLY_EXITS['unittest.main under __main__']}```"
+    assert score_humaneval_answer(problems["HumanEval/2"], answer)
+
+
+def test_program_prints_its_completion_marker_after_the_check(problems):
+    problem = problems["HumanEval/2"]
+    program = humaneval_program(problem, "    return number % 1.0\n", completion_marker="MARK-123")
+    assert program.index("MARK-123") > program.index("\ncheck(truncate_number)\n")
+    assert "MARK-123" in program.rstrip().splitlines()[-1]  # the program's last line: nothing runs after it
+
+
+@pytest.mark.skipif(not _namespace_support()[1], reason="hiding paths needs the sandbox's mount namespace (root)")
+def test_answer_cannot_copy_the_bundled_canonical_solution(problems):
+    resources = os.path.dirname(str(bundled_resource("humaneval.jsonl.gz")))
+    # A wrong answer that looks the problem up in the bundled file (found by listing its folder) and runs its
+    # canonical solution: it passes whenever the sandbox lets it read the file.
+    cheat = f"""```python
+import gzip, json, os
+
+def truncate_number(number: float) -> float:
+    names = [name for name in os.listdir({resources!r}) if name.startswith("humaneval")]
+    with gzip.open(os.path.join({resources!r}, names[0]), "rt") as f:
+        row = next(r for r in map(json.loads, f) if r["task_id"] == "HumanEval/2")
+    scope = {{}}
+    exec(row["prompt"] + row["canonical_solution"], scope)
+    return scope["truncate_number"](number)
+```"""
+    assert not score_humaneval_answer(problems["HumanEval/2"], cheat)
+    by_path = "    import gzip\n    gzip.open({path!r}).read()\n    return number % 1.0\n"
+    assert not score_humaneval_answer(
+        problems["HumanEval/2"], by_path.format(path=os.path.join(resources, "humaneval.jsonl.gz"))
+    )
 
 
 def test_syntax_error_fails(problems):
@@ -146,6 +205,16 @@ def test_evaluate_humaneval_counts_passes_and_survives_bad_programs(problems):
     assert [o["output"] for o in result["outputs"]] == replies
     assert [o["passed"] for o in result["outputs"]] == [True, False, False, True]
     assert [o["reason"] for o in result["outputs"]] == ["ok", "exit code 3", "wall-clock timeout", "ok"]
+
+
+def test_early_exit_is_reported_as_not_finished(problems):
+    tokenizer = build_tiny_tokenizer()
+    row = problems["HumanEval/2"]
+    reply = f"```python\n{_WRONG_TRUNCATE}\n{_EARLY_EXITS['os._exit']}```"
+    engine = _CannedEngine({chat_prompt(tokenizer, HUMANEVAL_INSTRUCTION.format(prompt=row["prompt"])): reply})
+    result = evaluate_humaneval(None, tokenizer, [row], engine=engine, show_progress=False, timeout=5.0)
+    assert result["passed"] == 0
+    assert "before finishing" in result["outputs"][0]["reason"]
 
 
 def test_evaluate_humaneval_generates_with_the_tiny_model(problems):

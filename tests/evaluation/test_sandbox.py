@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -97,6 +101,53 @@ def test_absolute_writes_outside_fail():
         assert not path.exists()
 
 
+def test_exit_zero_without_the_completion_marker_fails():
+    marker = "done-5f1c"
+    assert run_untrusted(f"print({marker!r})", timeout=5, completion_marker=marker).passed
+    partial = "import os\nprint('done-', flush=True)\nos._exit(0)"  # a prefix of the marker does not count
+    for program in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", partial):
+        result = run_untrusted(f"{program}\nprint({marker!r})", timeout=5, completion_marker=marker)
+        assert not result.passed and result.returncode == 0, program
+        assert "before finishing" in result.reason
+
+
+def test_completion_marker_is_found_beyond_the_captured_tail():
+    marker = "done-5f1c"
+    program = f"print({marker!r})\nprint('x' * 100_000)"  # the marker scrolls out of the 4096-character tail
+    result = run_untrusted(program, timeout=5, completion_marker=marker)
+    assert result.passed, result
+    assert marker not in result.stdout
+
+
+@pytest.mark.skipif(not _namespace_support()[1], reason="hiding paths needs the mount namespace (root)")
+def test_hidden_paths_are_invisible():
+    outside = Path(tempfile.mkdtemp(prefix="sandbox-secret-"))  # not pytest's tmp_path: nobody cannot enter that
+    try:
+        outside.chmod(0o755)
+        kept, lone = outside / "answers.txt", outside / "lone.txt"
+        for path, text in ((kept, "42"), (lone, "43")):
+            path.write_text(text)
+            path.chmod(0o644)
+        program = textwrap.dedent(f"""\
+            import os
+            print(sorted(os.listdir({str(outside)!r})))
+            for path in ({str(kept)!r}, {str(lone)!r}):
+                try:
+                    print(repr(open(path).read()))
+                except OSError as error:
+                    print(type(error).__name__)
+            """)
+        seen = run_untrusted(program, timeout=5)  # the control: without hiding, nobody reads both files
+        assert seen.stdout.splitlines() == ["['answers.txt', 'lone.txt']", "'42'", "'43'"], seen
+        hidden = run_untrusted(program, timeout=5, hidden_paths=[outside])
+        assert hidden.stdout.splitlines() == ["[]", "FileNotFoundError", "FileNotFoundError"], hidden
+        one_file = run_untrusted(program, timeout=5, hidden_paths=[str(lone)])  # a file reads as /dev/null
+        assert one_file.stdout.splitlines()[1:] == ["'42'", "''"], one_file
+        assert kept.read_text() == "42" and lone.read_text() == "43"  # the host side is untouched
+    finally:
+        shutil.rmtree(outside)
+
+
 def test_network_is_unreachable():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
@@ -127,7 +178,13 @@ def test_raw_socket_module_cannot_reach_loopback():
 
 @pytest.mark.parametrize(
     ("program", "limits", "error"),
-    [(b"print(1)", {}, "must be Python source text"), ("print(1)", {"timeout": -1}, "must be positive")],
+    [
+        (b"print(1)", {}, "must be Python source text"),
+        ("print(1)", {"timeout": -1}, "must be positive"),
+        ("print(1)", {"completion_marker": ""}, "must be a non-empty str"),
+        ("print(1)", {"hidden_paths": [sys.base_prefix]}, "Cannot hide"),
+        ("print(1)", {"hidden_paths": ["/"]}, "Cannot hide"),
+    ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(program, limits, error):
     with pytest.raises((TypeError, ValueError), match=error):

@@ -3,22 +3,28 @@
 Every arm trains from the same settings (one [`SDFTDynSDPBConfig`], which holds the fields of every trainer): the same
 data, optimizer updates, batch size, LoRA and seed. Each arm reads from it only the fields its own config has, then
 sets what defines the arm (the DynSDPB mode). A trained arm leaves its adapter (or model) and a `benchmark_arm.json`
-record in `<output_dir>/<arm>`; a finished arm is never trained again, and an interrupted one resumes from its last
-checkpoint.
+record in its directory (`<output_dir>/<arm>/seed-<seed>`), with the settings it was trained with. A finished arm is
+trained again only when those settings changed; an interrupted one resumes from its last checkpoint when the
+checkpoint was made with the same settings.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
+import glob
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from ..dynsdpb.config import DynSDPBConfig
@@ -27,7 +33,10 @@ from ..sdft.config import SDFTConfig
 from ..sdft.trainer import SDFTTrainer
 from ..sdft_dynsdpb import SDFTDynSDPBConfig, SDFTDynSDPBTrainer
 
+logger = logging.get_logger(__name__)
+
 ARM_RECORD_FILE = "benchmark_arm.json"
+ARM_SETTINGS_FILE = "benchmark_arm_settings.json"  # written when training starts: which checkpoints may be resumed
 SEED_MODEL = "seed"
 """The model before any fine-tuning: evaluated by every benchmark, trained by none."""
 
@@ -71,8 +80,94 @@ def arm_config(arm: Arm, shared: SDFTDynSDPBConfig, output_dir: str) -> SFTConfi
         for f in dataclasses.fields(arm.config_class)
         if f.init and hasattr(shared, f.name)
     }
-    values.update(arm.overrides, output_dir=output_dir)
+    # Every update logged: the whole run's train loss is then read from the log history, which a resume restores.
+    values.update(arm.overrides, output_dir=output_dir, logging_steps=1)
     return arm.config_class(**values)
+
+
+_UNRECORDED_FIELDS = {
+    # Where and how the run reports, not what it trains: never a reason to train again.
+    "output_dir",
+    "logging_dir",
+    "logging_steps",
+    "logging_first_step",
+    "logging_strategy",
+    "report_to",
+    "disable_tqdm",
+    "run_name",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "overwrite_output_dir",
+    "distill_cache_dir",
+    "dataloader_num_workers",
+}
+
+
+def arm_settings(
+    model_name: str, args: SFTConfig, train_dataset: Dataset, peft_config=None, quantization_config=None
+) -> dict:
+    """Everything that decides what an arm trains, as JSON values: the model, its config, the data's fingerprint,
+    LoRA, 4-bit.
+
+    A finished arm is reused only when these are unchanged (see `train_arm`).
+    """
+    settings = {
+        f.name: _json_value(getattr(args, f.name))
+        for f in dataclasses.fields(args)
+        if f.init and f.name not in _UNRECORDED_FIELDS and not f.name.startswith("_")
+    }
+    settings["model"] = model_name
+    settings["train_dataset"] = train_dataset._fingerprint
+    settings["peft_config"] = _json_value(peft_config.to_dict()) if peft_config is not None else None
+    settings["quantization_config"] = (
+        _json_value(quantization_config.to_dict()) if quantization_config is not None else None
+    )
+    return settings
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as JSON would give it back (sets sorted, enums and dtypes as text), so records compare equal."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def changed_settings(recorded: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """`{name: (recorded, current)}` for every setting that differs."""
+    return {
+        name: (recorded.get(name), current.get(name))
+        for name in sorted(set(recorded) | set(current))
+        if recorded.get(name) != current.get(name)
+    }
+
+
+def whole_run_train_loss(log_history: list[dict[str, Any]], global_step: int) -> float | None:
+    """The mean training loss over every update of the run, read from the per-update log (resumes included).
+
+    `Trainer`'s own `train_loss` averages only the updates of its last `train()` call, so a resumed run would report
+    another number than an uninterrupted one. Arms log every update (`logging_steps=1`); the log history is saved
+    in each checkpoint and restored on resume, so it holds every update once.
+    """
+    losses = {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry and "step" in entry}
+    if sorted(losses) != list(range(1, global_step + 1)):
+        return None  # some update was not logged: no whole-run figure rather than a wrong one
+    return sum(losses[step] for step in range(1, global_step + 1)) / global_step
+
+
+def weights_digest(arm_dir: str) -> str:
+    """The SHA-256 of an arm's saved weights (adapter or model files): what its probe results are tied to."""
+    digest = hashlib.sha256()
+    names = sorted(glob.glob(os.path.join(arm_dir, "*.safetensors")) + glob.glob(os.path.join(arm_dir, "*.bin")))
+    if not names:
+        raise FileNotFoundError(f"No saved weights in {arm_dir}.")
+    for name in names:
+        digest.update(os.path.basename(name).encode())
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset: Dataset) -> None:
@@ -90,13 +185,33 @@ def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset:
             DynSDPBTrainer._validate_dynsdpb_before_loading(args, train_dataset, {})
 
 
-def arm_record(arm_dir: str) -> dict[str, Any] | None:
-    """What a finished arm recorded (train metrics, distillation report), or None if it has not finished."""
-    path = os.path.join(arm_dir, ARM_RECORD_FILE)
+def _read_json(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(partial, path)  # a crash never leaves a half-written record
+
+
+def arm_record(arm_dir: str) -> dict[str, Any] | None:
+    """What a finished arm recorded (settings, train metrics, distillation report), or None if it has not finished."""
+    return _read_json(os.path.join(arm_dir, ARM_RECORD_FILE))
+
+
+def _start_fresh(arm_dir: str, why: str) -> None:
+    """Removes what an earlier run with other settings left in `arm_dir`: its record and checkpoints."""
+    logger.warning(f"{arm_dir}: {why}; training it again.")
+    for name in (ARM_RECORD_FILE, ARM_SETTINGS_FILE):
+        if os.path.exists(os.path.join(arm_dir, name)):
+            os.remove(os.path.join(arm_dir, name))
+    for checkpoint in glob.glob(os.path.join(arm_dir, "checkpoint-*")):
+        shutil.rmtree(checkpoint)
 
 
 def train_arm(
@@ -111,36 +226,61 @@ def train_arm(
 ) -> dict[str, Any]:
     """Trains one arm into `output_dir` (resuming from its last checkpoint) unless it already finished there.
 
-    Returns the arm's record: its train metrics, and the distillation report for the arms that rewrite.
+    A finished arm is reused only if it was trained with the same settings (`arm_settings`); otherwise, and for
+    checkpoints left by a run with other settings, it is trained again from the start, with a warning naming what
+    changed. Returns the arm's record: its settings, the digest of its weights, its train metrics (`train_loss` over
+    the whole run, resumes included), and the distillation report for the arms that rewrite.
     """
+    args = arm_config(arm, shared, output_dir)
+    settings = arm_settings(model_name, args, train_dataset, peft_config, quantization_config)
     record = arm_record(output_dir)
     if record is not None:
-        return record
-    args = arm_config(arm, shared, output_dir)
+        changed = changed_settings(record.get("settings", {}), settings)
+        if not changed:
+            return record
+        _start_fresh(output_dir, f"trained with other settings {_describe(changed)}")
+    started = _read_json(os.path.join(output_dir, ARM_SETTINGS_FILE))
+    if started is not None and changed_settings(started, settings):
+        _start_fresh(
+            output_dir, f"checkpoints from a run with other settings {_describe(changed_settings(started, settings))}"
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    _write_json(os.path.join(output_dir, ARM_SETTINGS_FILE), settings)
     trainer = arm.trainer_class(
         model=model_name,
         args=args,
         train_dataset=train_dataset,
-        peft_config=peft_config,
+        # PEFT writes the model's path into the config it is given: a copy keeps the shared one as declared
+        peft_config=copy.deepcopy(peft_config),
         quantization_config=quantization_config,
     )
     checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(output_dir)
+    metrics = dict(output.metrics)
+    metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history, output.global_step)
     record = {
         "arm": arm.name,
         "label": arm.label,
+        "seed": args.seed,
         "global_step": output.global_step,
-        "train": output.metrics,
+        "train": metrics,
         "resumed_from": checkpoint,
+        "settings": settings,
+        "weights_sha256": weights_digest(output_dir),
     }
     if hasattr(trainer, "distillation_report"):
         record["distillation"] = trainer.distillation_report
     if trainer.is_world_process_zero():
-        with open(os.path.join(output_dir, ARM_RECORD_FILE), "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
+        _write_json(os.path.join(output_dir, ARM_RECORD_FILE), record)
     del trainer  # the next arm loads its own copy of the model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
+
+
+def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    shown = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in list(changed.items())[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return f"({shown}{more})"

@@ -1,11 +1,13 @@
 """The forgetting benchmark: fine-tune one seed model on one task several ways, then probe every result side by side.
 
-    for each arm (vanilla SFT, SDFT, DynSDPB dynamic and constant, SDFT data + DynSDPB loss):   arms.py
-        train from the same settings into <output_dir>/<arm>         (skipped once finished; resumed from checkpoints)
-    for the seed model and each arm:                                                            probes.py
-        run every probe                                     (cached per model and probe in <output_dir>/results)
+    for each training seed, for each arm (vanilla SFT, SDFT, DynSDPB dynamic and constant,     arms.py
+    SDFT data + DynSDPB loss):
+        train from the same settings into <output_dir>/<arm>/seed-<seed>
+                                (skipped once finished with the same settings; resumed from checkpoints)
+    for the seed model and each trained arm:                                                    probes.py
+        run every probe    (cached per model and probe in <output_dir>/results, tied to the model's weights digest)
     score the general answers against the seed's (cosine similarity of sentence embeddings)    similarity.py
-    write the table, the JSON and one chart per probe                                          report.py
+    aggregate over seeds, compare arms item by item (95 % intervals), write table, JSON, charts stats.py, report.py
 
 This is the experiment of the SDFT paper (Yang et al., ACL 2024, arXiv 2402.13669, Table 1 and its safety table) with
 the DynSDPB arms (Fu et al., 2024, arXiv 2411.16991) beside it.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from typing import Any
 
 from accelerate import PartialState
@@ -28,7 +31,7 @@ from trl.trainer.utils import create_model_from_path
 
 from ..models import resolve_model_name
 from ..sdft_dynsdpb import SDFTDynSDPBConfig
-from .arms import ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm
+from .arms import ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm, weights_digest
 from .probes import ProbeArguments, ResultCache, run_probe
 from .report import check_chart_support, write_report
 from .similarity import SentenceEmbedder, mean_cosine_similarity
@@ -45,21 +48,27 @@ def run_forgetting_benchmark(
     probe_args: ProbeArguments,
     arms: list[str] | None = None,
     *,
+    seeds: list[int] | None = None,
     peft_config=None,
     quantization_config=None,
     embedder: SentenceEmbedder | None = None,
     dataset_name: str | None = None,
 ) -> dict[str, Any]:
-    """Trains every arm, probes the seed model and every arm, and writes the report into `training_args.output_dir`.
+    """Trains every arm once per seed, probes the seed model and every trained arm, and writes the report into
+    `training_args.output_dir`.
 
     Every arm trains with the same `training_args` (each reads the fields its own config has), the same data and the
     same number of optimizer updates: `max_steps`, or when it is unset the updates vanilla SFT makes in
     `num_train_epochs` (DynSDPB sees half as many new samples per update, since half of each batch repeats the last
-    step's). Finished arms and probe results are reused, so an interrupted run resumes where it stopped.
+    step's). Each of `seeds` (default: `[training_args.seed]`) replaces `seed` for one training run of every arm, so
+    arm `a` seed `k` and arm `b` seed `k` start alike. Finished arms and probe results are reused only when
+    everything that produced them is unchanged, so an interrupted run resumes where it stopped.
 
     Returns the report (also written as `forgetting_benchmark.json`, with `forgetting_benchmark.md` and the charts).
     """
+    started = time.monotonic()
     arms = check_arms(list(ARMS) if arms is None else arms)
+    seeds = check_seeds([training_args.seed] if seeds is None else seeds)
     if PartialState().num_processes > 1:
         raise ValueError(
             "The forgetting benchmark trains and evaluates its arms one after another in one process: run it with "
@@ -73,21 +82,29 @@ def run_forgetting_benchmark(
     check_arm_inputs(arms, shared, train_dataset)
     output_dir = training_args.output_dir
 
-    records = {}
-    for number, name in enumerate(arms, start=1):
-        logger.warning(f"Forgetting benchmark: arm {number}/{len(arms)}, {ARMS[name].label} ({name}).")
-        records[name] = train_arm(
+    runs = [(name, seed) for seed in seeds for name in arms]
+    records: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
+    for number, (name, seed) in enumerate(runs, start=1):
+        logger.warning(
+            f"Forgetting benchmark: training {number}/{len(runs)}, {ARMS[name].label} ({name}), seed {seed}."
+        )
+        records[name][seed] = train_arm(
             ARMS[name],
             model_path,
-            shared,
+            with_seed(shared, seed),
             train_dataset,
-            os.path.join(output_dir, name),
+            arm_dir(output_dir, name, seed),
             peft_config=peft_config,
             quantization_config=quantization_config,
         )
 
     results = probe_every_model(
-        model_path, shared, arms, probe_args, ResultCache(os.path.join(output_dir, RESULTS_DIR)), quantization_config
+        model_path,
+        shared,
+        runs,
+        probe_args,
+        ResultCache(os.path.join(output_dir, RESULTS_DIR)),
+        quantization_config,
     )
     similarities = similarity_to_seed(results, embedder) if "general" in probe_args.probes else {}
     return write_report(
@@ -95,13 +112,41 @@ def run_forgetting_benchmark(
         model_name=model_name,
         dataset_name=dataset_name,
         arms=arms,
+        seeds=seeds,
         records=records,
         results=results,
         similarities=similarities,
         probe_args=probe_args,
-        training_args=shared,
         peft_config=peft_config,
+        elapsed_seconds=time.monotonic() - started,
     )
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """The training seeds, checked before anything is loaded."""
+    if not seeds:
+        raise ValueError("The forgetting benchmark needs at least one training seed (`seeds`).")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"A seed is listed twice in {seeds}.")
+    if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise ValueError(f"Seeds must be integers, got {seeds}.")
+    return list(seeds)
+
+
+def with_seed(args: SDFTDynSDPBConfig, seed: int) -> SDFTDynSDPBConfig:
+    """`args` with another training seed (LoRA initialisation, data order, sampled rewrites)."""
+    seeded = copy.copy(args)
+    seeded.seed = seed
+    return seeded
+
+
+def arm_dir(output_dir: str, arm: str, seed: int) -> str:
+    return os.path.join(output_dir, arm, f"seed-{seed}")
+
+
+def run_name(arm: str, seed: int) -> str:
+    """A trained model's name in the result cache and the report: `<arm>/seed-<seed>`."""
+    return f"{arm}/seed-{seed}"
 
 
 def same_updates_for_every_arm(args: SDFTDynSDPBConfig, num_rows: int) -> SDFTDynSDPBConfig:
@@ -117,44 +162,58 @@ def same_updates_for_every_arm(args: SDFTDynSDPBConfig, num_rows: int) -> SDFTDy
 def probe_every_model(
     model_name: str,
     args: SDFTDynSDPBConfig,
-    arms: list[str],
+    runs: list[tuple[str, int]],
     probe_args: ProbeArguments,
     cache: ResultCache,
     quantization_config=None,
 ) -> dict[str, dict[str, Any]]:
-    """`{model: {probe: result}}` for the seed model and every arm, each probe from the cache when it is there.
+    """`{model: {probe: result}}` for the seed model and every trained `(arm, seed)`, from the cache when there.
 
-    The seed model is loaded once, as the trainers load it (same dtype and quantization); each arm's adapter is then
-    loaded onto it in turn. An arm trained without PEFT is loaded from its own directory.
+    The seed model is loaded once, as the trainers load it (same quantization; the probes' `eval_dtype`); each arm's
+    adapter is then loaded onto it in turn and cast to the same dtype. An arm trained without PEFT is loaded from its
+    own directory. A cached result is reused only for the same weights (their SHA-256) and probe settings.
     """
-    models = [SEED_MODEL, *arms]
+    models = [SEED_MODEL, *(run_name(arm, seed) for arm, seed in runs)]
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         init_kwargs["quantization_config"] = quantization_config
+    eval_dtype = probe_args.resolved_eval_dtype()
+    if eval_dtype is not None and quantization_config is None:
+        init_kwargs["dtype"] = eval_dtype
     base = create_model_from_path(model_name, **init_kwargs)
+    seed_identity = {"model": model_name, "init": {key: str(value) for key, value in sorted(init_kwargs.items())}}
     peft_model = None
     results: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(models) * len(probe_args.probes), desc="forgetting probes (models x probes)") as progress:
         for name in models:
-            model = base
+            model, identity = base, seed_identity
             if name != SEED_MODEL:
-                arm_dir = os.path.join(args.output_dir, name)
-                if os.path.isfile(os.path.join(arm_dir, "adapter_config.json")):
+                directory = arm_dir(args.output_dir, *_split_run_name(name))
+                identity = {**seed_identity, "weights_sha256": weights_digest(directory)}
+                if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+                    adapter = name.replace("/", "_")  # PEFT adapter names cannot hold a slash
                     if peft_model is None:
-                        peft_model = PeftModel.from_pretrained(base, arm_dir, adapter_name=name)
+                        peft_model = PeftModel.from_pretrained(base, directory, adapter_name=adapter)
                     else:
-                        peft_model.load_adapter(arm_dir, adapter_name=name)
-                    peft_model.set_adapter(name)
+                        peft_model.load_adapter(directory, adapter_name=adapter)
+                    peft_model.set_adapter(adapter)
                     model = peft_model
                 else:
-                    model = create_model_from_path(arm_dir, **init_kwargs)
+                    model = create_model_from_path(directory, **init_kwargs)
+                if eval_dtype is not None and quantization_config is None:
+                    model.to(eval_dtype)
             results[name] = {}
             for probe in probe_args.probes:
                 progress.set_postfix_str(f"{name}: {probe}")
-                results[name][probe] = run_probe(probe, name, model, tokenizer, probe_args, cache)
+                results[name][probe] = run_probe(probe, name, model, tokenizer, probe_args, cache, identity)
                 progress.update()
     return results
+
+
+def _split_run_name(name: str) -> tuple[str, int]:
+    arm, seed = name.split("/seed-")
+    return arm, int(seed)
 
 
 def similarity_to_seed(results: dict[str, dict[str, Any]], embedder: SentenceEmbedder) -> dict[str, dict[str, Any]]:

@@ -4,8 +4,12 @@ The 164 problems of HumanEval (Chen et al., 2021, arXiv 2107.03374) are bundled 
 prompt (imports, signature, docstring) is shown to the instruct model inside :data:`HUMANEVAL_INSTRUCTION`, rendered
 through the model's own chat template and answered greedily. The code is then taken from the answer (see
 :func:`humaneval_program`), the problem's unit tests are appended, and the program runs in the sandbox
-(:func:`~trl_selfdistill.evaluation.sandbox.run_untrusted`): a problem passes when the program exits with code 0
-within the time and memory limits. pass@1 is the share of problems that pass, one greedy answer each.
+(:func:`~trl_selfdistill.evaluation.sandbox.run_untrusted`): a problem passes when the tests run to the end (the
+program then prints a random marker drawn for this run; exit code 0 alone is no proof, since code models often end
+their code with ``unittest.main()``, which exits 0 before the tests run) and the program exits with code 0 within
+the time and memory limits. The package's resources directory, which holds the canonical solutions, is hidden from
+the program where the sandbox has a mount namespace. pass@1 is the share of problems that pass, one greedy answer
+each.
 
 The paper reports greedy pass@1 with execution against the unit tests but does not publish its HumanEval prompt;
 :data:`HUMANEVAL_INSTRUCTION` and the code extraction rules are this project's own choices.
@@ -16,7 +20,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -68,7 +74,7 @@ def extract_code(answer: str) -> str:
     return answer
 
 
-def humaneval_program(problem: Mapping[str, str], answer: str) -> str:
+def humaneval_program(problem: Mapping[str, str], answer: str, *, completion_marker: str | None = None) -> str:
     """The program to run for ``answer`` to ``problem``: the extracted code, the problem's tests and the check call.
 
     The code is :func:`extract_code` of the answer. If it defines ``def {entry_point}(`` (the model returned the
@@ -77,6 +83,9 @@ def humaneval_program(problem: Mapping[str, str], answer: str) -> str:
     ``encode_cyclic``), and its docstring-only stub of the entry point is valid Python that the model's definition
     then replaces. Otherwise the code is taken as the continuation of the function body, appended to the prompt
     as in the official harness. Either way the problem's ``test`` and ``check({entry_point})`` follow.
+
+    With ``completion_marker``, the program's last line prints it once ``check`` has returned, to the real stdout
+    (even if the code redirected ``sys.stdout``), so that its output shows the tests ran to the end.
     """
     code = extract_code(answer)
     entry_point = problem["entry_point"]
@@ -85,20 +94,36 @@ def humaneval_program(problem: Mapping[str, str], answer: str) -> str:
         program = f"{prompt}\n\n{code}"  # the full function: the prompt's stub is overridden
     else:
         program = prompt + code  # the body continuation of the prompt's signature
-    return f"{program}\n\n{problem['test']}\n\ncheck({entry_point})\n"
+    # Not run as __main__, as in the official harness (which exec()s the program): a model's own
+    # `if __name__ == "__main__": unittest.main()` block stays out of the way of the tests.
+    program = f"__name__ = 'humaneval_solution'\n{program}\n\n{problem['test']}\n\ncheck({entry_point})\n"
+    if completion_marker is not None:
+        program += f"\nimport sys\nprint({completion_marker!r}, file=sys.__stdout__, flush=True)\n"
+    return program
+
+
+def _solutions_dir() -> list[str]:
+    """The folder of the bundled file, which holds the canonical solutions: the sandbox hides it from the program."""
+    resource = bundled_resource(_HUMANEVAL_FILE)
+    # A package imported from a zip archive has no folder on disk to hide (nor one to open by path).
+    return [str(resource.parent)] if isinstance(resource, Path) else []
 
 
 def _run(problem: Mapping[str, str], answer: str, timeout: float) -> SandboxResult:
-    program = humaneval_program(problem, answer)
+    # Fresh for each run: an earlier program's output cannot supply it.
+    marker = f"humaneval-tests-finished-{secrets.token_hex(16)}"
+    program = humaneval_program(problem, answer, completion_marker=marker)
     # Decoded generations may hold lone surrogates, which cannot be written as UTF-8 source.
     program = program.encode("utf-8", errors="replace").decode("utf-8")
-    return run_untrusted(program, timeout=timeout)
+    return run_untrusted(program, timeout=timeout, completion_marker=marker, hidden_paths=_solutions_dir())
 
 
 def score_humaneval_answer(problem: Mapping[str, str], answer: str, *, timeout: float = 10.0) -> bool:
     """True if the program built from ``answer`` (:func:`humaneval_program`) passes the problem's tests.
 
-    The program is untrusted and runs in the sandbox with a wall-clock limit of ``timeout`` seconds.
+    The program is untrusted and runs in the sandbox with a wall-clock limit of ``timeout`` seconds. It passes only
+    if its tests ran to the end: a program that exits with code 0 before (``os._exit(0)``, ``unittest.main()``, an
+    ``atexit`` handler after a failed test) fails.
     """
     return _run(problem, answer, timeout).passed
 
@@ -122,8 +147,9 @@ def evaluate_humaneval(
     crashes, hangs or runs out of memory counts as failed; the evaluation goes on.
 
     Returns ``{"pass_at_1", "passed", "total", "outputs"}``, where ``outputs`` lists, in problem order,
-    ``{"task_id", "output", "passed", "reason"}`` per problem (``reason`` is the sandbox's, e.g. ``"exit code 1"``
-    or ``"wall-clock timeout"``, and ``"ok"`` for a pass).
+    ``{"task_id", "output", "passed", "reason"}`` per problem (``reason`` is the sandbox's, e.g. ``"exit code 1"``,
+    ``"wall-clock timeout"`` or, for a program that exited with code 0 before its tests finished, ``"exited before
+    finishing (...)"``; ``"ok"`` for a pass).
     """
     prompts = [chat_prompt(tokenizer, HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])) for p in problems]
     generations = greedy_answers(

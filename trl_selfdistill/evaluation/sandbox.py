@@ -14,11 +14,13 @@ Containment, in the order it is applied in the child (``preexec_fn``):
 * **Filesystem** - with a new mount namespace (``unshare(CLONE_NEWNS)``, root mount made private so nothing leaks
   back), ``/`` is remounted read-only, ``/dev/shm`` gets a small private tmpfs, the directory holding the
   interpreter's inaccessible ancestor (``/root`` here) is covered by an empty tmpfs with only the interpreter
-  prefix bound back in (this also hides the real home), and only the work directory stays writable. The program
-  then runs as ``nobody`` (uid/gid 65534, no supplementary groups), so it cannot undo the mounts. Writes to ``~``
-  land in the work directory; writes to the real home path fail. ``RLIMIT_FSIZE`` bounds every file it writes,
-  stdout/stderr included. Without a mount namespace only the ``HOME``/``TMPDIR`` redirect applies: a root program
-  could still write anywhere by absolute path.
+  prefix bound back in (this also hides the real home), and only the work directory stays writable. Each of the
+  caller's ``hidden_paths`` (e.g. a benchmark's reference answers) is covered as well: a directory by an empty
+  read-only tmpfs, a file by ``/dev/null``. The program then runs as ``nobody`` (uid/gid 65534, no supplementary
+  groups), so it cannot undo the mounts. Writes to ``~`` land in the work directory; writes to the real home path
+  fail. ``RLIMIT_FSIZE`` bounds every file it writes, stdout/stderr included. Without a mount namespace only the
+  ``HOME``/``TMPDIR`` redirect applies: a root program could still write anywhere by absolute path, and nothing
+  is hidden, so any program can read whatever the parent's user can.
 * **Resources** - ``RLIMIT_AS`` (memory: big allocations raise ``MemoryError`` in the child), ``RLIMIT_CPU``,
   ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC``. The kernel never enforces ``RLIMIT_NPROC`` for uid 0,
   so the fork limit holds only when the program runs as ``nobody`` (i.e. with the mount namespace). It counts
@@ -44,6 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +80,11 @@ runpy.run_path("main.py", run_name="__main__")
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """Outcome of one sandboxed run. ``passed`` means exit code 0 within all limits."""
+    """Outcome of one sandboxed run.
+
+    ``passed`` means exit code 0 within all limits and, when the run asked for a ``completion_marker``, that marker
+    in the program's stdout.
+    """
 
     passed: bool
     returncode: int | None
@@ -106,8 +113,14 @@ def _hidden_ancestor(path: Path) -> Path | None:
     return None
 
 
-def _isolate(work: str, *, netns: bool, mntns: bool, limits: dict[int, tuple[int, int]]) -> None:
-    """Child-side setup, run between fork and exec. Any exception aborts the launch."""
+def _isolate(
+    work: str, *, netns: bool, mntns: bool, limits: dict[int, tuple[int, int]], hidden_paths: tuple[str, ...] = ()
+) -> None:
+    """Child-side setup, run between fork and exec. Any exception aborts the launch.
+
+    ``hidden_paths`` (absolute, resolved, none of them holding the work dir or the interpreter prefix) are covered
+    once the prefix and the work dir are bound back, so a path inside the prefix is hidden too.
+    """
     if netns:
         _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
     if mntns:
@@ -124,6 +137,13 @@ def _isolate(work: str, *, netns: bool, mntns: bool, limits: dict[int, tuple[int
             os.makedirs(path, exist_ok=True)
             _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
             os.close(fd)
+        for path in hidden_paths:
+            # A path gone from view (e.g. under the covered ancestor) is hidden already and needs no mount.
+            if os.path.isdir(path):
+                _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, "mode=755,size=4k")
+            elif os.path.exists(path):
+                _mount("/dev/null", path, None, _MS_BIND)  # a mount cannot remove a file, only cover it
+                _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
         if os.path.isdir("/dev/shm"):
             _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
         # Only the root mount becomes read-only; the work dir is its own (writable) bind mount.
@@ -178,11 +198,11 @@ def _tail(path: Path) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
-def _reason(returncode: int, timed_out: bool) -> str:
+def _reason(returncode: int, timed_out: bool, finished: bool) -> str:
     if timed_out:
         return "wall-clock timeout"
     if returncode == 0:
-        return "ok"
+        return "ok" if finished else "exited before finishing (exit code 0, but no completion marker in stdout)"
     if returncode < 0:
         sig = signal.Signals(-returncode)
         hint = {signal.SIGXCPU: " (cpu limit)", signal.SIGXFSZ: " (file size limit)"}.get(sig, "")
@@ -198,14 +218,34 @@ def run_untrusted(
     cpu_seconds: int | None = None,
     max_processes: int = 32,
     max_file_bytes: int = 16 * 2**20,
+    completion_marker: str | None = None,
+    hidden_paths: Iterable[str | os.PathLike[str]] = (),
 ) -> SandboxResult:
     """Run ``program`` (Python source) in a contained child process; see the module docstring for what applies.
 
     ``cpu_seconds`` defaults to ``ceil(timeout) + 1``. ``max_file_bytes`` bounds every file written, including
     stdout and stderr (of which the last 4096 characters are returned).
+
+    ``completion_marker``: exit code 0 alone does not show that a program did its work, since ``os._exit(0)``,
+    ``sys.exit(0)`` or ``unittest.main()`` (also from an ``atexit`` handler, after an error) end it early with
+    code 0. A caller that ends the program with code printing a fresh random marker passes that marker here; the
+    run then passes only if the marker is somewhere in the whole stdout (not just the returned tail, so that later
+    output, e.g. from an ``atexit`` handler, cannot push it out). The marker is in the program's own source: this
+    catches programs that stop early, not one written to find the marker and print it.
+
+    ``hidden_paths``: host files or directories the program must not see (e.g. reference solutions), covered in
+    its mount namespace; they may not hold the interpreter or the temporary directory. Without a mount namespace
+    (not root, or namespaces not permitted) nothing can be hidden: they are then ignored, and stay readable.
     """
     if not isinstance(program, str):
         raise TypeError(f"`program` must be Python source text (a str), got {type(program).__name__}.")
+    if completion_marker is not None and not (isinstance(completion_marker, str) and completion_marker):
+        raise ValueError(f"`completion_marker` must be a non-empty str, got {completion_marker!r}.")
+    hidden = tuple(os.path.realpath(path) for path in hidden_paths)
+    for path in hidden:
+        for needed in (sys.base_prefix, tempfile.gettempdir()):
+            if Path(os.path.realpath(needed)).is_relative_to(path):
+                raise ValueError(f"Cannot hide {path!r}: the sandbox needs {needed!r} inside it.")
     limits_given = {
         "timeout": timeout, "memory_bytes": memory_bytes, "max_processes": max_processes,
         "max_file_bytes": max_file_bytes, "cpu_seconds": 1 if cpu_seconds is None else cpu_seconds,
@@ -242,7 +282,9 @@ def run_untrusted(
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=functools.partial(_isolate, str(work), netns=netns, mntns=mntns, limits=limits),
+                preexec_fn=functools.partial(
+                    _isolate, str(work), netns=netns, mntns=mntns, limits=limits, hidden_paths=hidden
+                ),
             )
             timed_out = False
             try:
@@ -257,11 +299,13 @@ def run_untrusted(
                     pass
                 proc.wait()
         returncode = proc.returncode
+        # The whole file, at most max_file_bytes: the marker may have scrolled out of the returned tail.
+        finished = completion_marker is None or completion_marker.encode() in out_path.read_bytes()
         return SandboxResult(
-            passed=returncode == 0 and not timed_out,
+            passed=returncode == 0 and not timed_out and finished,
             returncode=returncode,
             timed_out=timed_out,
             stdout=_tail(out_path),
             stderr=_tail(err_path),
-            reason=_reason(returncode, timed_out),
+            reason=_reason(returncode, timed_out, finished),
         )
