@@ -8,7 +8,7 @@ addition task), IFEval (scored by lm-eval's own code), HumanEval pass@1 (code ru
 reported as the mean over seeds with its 95% confidence interval, and each arm's difference from vanilla SFT paired
 on the same probe items. Writes forgetting_benchmark.{md,json} and chart_<probe>.png into `output_dir`.
 
-The default on the bundled model (SFT, SDFT and DynSDPB x 3 seeds; under an hour on 2 CPU cores):
+The default on the bundled model (SFT, SDFT and DynSDPB x 3 seeds; about 30 minutes on 2 CPU cores):
 
     python examples/benchmark_forgetting.py --config examples/configs/benchmark_forgetting_smollm2_cpu.yaml
 

@@ -78,7 +78,12 @@ def probe(trainer: SDFTTrainer, script_args: SDFTScriptArguments, held_out, ifev
     scores = {}
     if held_out is not None:
         result = evaluate_gsm8k(
-            model, tokenizer, held_out, batch_size=batch_size, max_new_tokens=script_args.eval_max_new_tokens
+            model,
+            tokenizer,
+            held_out,
+            batch_size=batch_size,
+            max_new_tokens=script_args.eval_max_new_tokens,
+            desc="task",
         )
         scores["task_accuracy"] = result["accuracy"]
     if ifeval_rows:

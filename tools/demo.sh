@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo: SDFT on the bundled SmolLM2-135M-Instruct over the bundled two-digit addition task (rewrite, report,
-# LoRA training; before/after: the task's accuracy on held-out questions and IFEval scored by lm-eval). About 10
-# minutes on 2 CPU cores.
+# LoRA training; before/after: the task's accuracy on held-out questions and IFEval scored by lm-eval). About 5
+# minutes on 2 CPU cores once installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"

@@ -161,7 +161,12 @@ def _gsm8k(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
 def _addition(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
     # Asked as GSM8K is, with the paper's math evaluation prompt: the answer ends in "The answer is N."
     return evaluate_gsm8k(
-        model, tokenizer, items, batch_size=args.eval_batch_size, max_new_tokens=args.addition_max_new_tokens
+        model,
+        tokenizer,
+        items,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.addition_max_new_tokens,
+        desc="addition",
     )
 
 

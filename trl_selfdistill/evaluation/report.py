@@ -389,7 +389,8 @@ def _targets_lines(report: dict[str, Any]) -> list[str]:
 
 
 def draw_chart(report: dict[str, Any], probe: str, path: str) -> None:
-    """The arms' mean scores on one probe as bars with their 95 % intervals, the seed model's as a dashed line."""
+    """The arms' mean scores on one probe as bars with their 95 % intervals (over seeds), the seed model's as a dashed
+    line in its own interval (over items)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -405,8 +406,12 @@ def draw_chart(report: dict[str, Any], probe: str, path: str) -> None:
     ]
     seed = report["scores"][SEED_MODEL].get(probe)
     figure, axes = plt.subplots(figsize=(7, 4))
-    bars = axes.bar([report["labels"][arm] for arm in arms], means, yerr=errors, capsize=4, color="tab:blue")
-    axes.bar_label(bars, fmt="%.3f" if probe == "general" else "%.1f")
+    labels = [report["labels"][arm] for arm in arms]
+    axes.bar(labels, means, yerr=errors, capsize=4, color="tab:blue")
+    for x, (mean, high) in enumerate(zip(means, (scale * e["high"] for e in estimates), strict=True)):
+        # above the interval's cap, where the error bar does not cross it
+        axes.annotate(f"{mean:.3f}" if probe == "general" else f"{mean:.1f}", (x, high), xytext=(0, 3),
+                      textcoords="offset points", ha="center", va="bottom")  # fmt: skip
     reference = 1.0 if probe == "general" else (seed["mean"] if seed is not None else None)
     if reference is not None:
         axes.axhline(
@@ -415,7 +420,10 @@ def draw_chart(report: dict[str, Any], probe: str, path: str) -> None:
             linestyle="--",
             label="seed" + (" (itself)" if probe == "general" else ""),
         )
+        if seed is not None and seed["low"] < seed["high"]:
+            axes.axhspan(scale * seed["low"], scale * seed["high"], color="gray", alpha=0.2, label="seed, 95 % CI")
         axes.legend(loc="lower right")
+    axes.margins(y=0.12)
     axes.set_ylabel(f"{PROBES[probe].label}{' (%)' if scale == 100 else ''}")
     axes.set_title(
         f"{PROBES[probe].label}, n={report['items'][probe]}, {len(report['seeds'])} seeds (95 % CI): "

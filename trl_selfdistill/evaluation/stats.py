@@ -70,26 +70,25 @@ def _t_interval(
     return Estimate(mean, standard_error, mean - half, mean + half, degrees_of_freedom, over, count, item_share)
 
 
+def _mean_with_t_interval(values: Sequence[float], over: str) -> Estimate:
+    """The mean of `values` with a t-interval over them (a point when there is only one)."""
+    count = len(values)
+    if count == 0:
+        raise ValueError(f"A mean over {over} needs at least one {over[:-1]}.")
+    mean = statistics.fmean(values)
+    if count == 1:
+        return Estimate(mean, 0.0, mean, mean, math.inf, over, 1)
+    return _t_interval(mean, statistics.stdev(values) / math.sqrt(count), count - 1, over, count)
+
+
 def mean_over_items(outcomes: Sequence[float]) -> Estimate:
     """The mean of one run's per-item outcomes, with a t-interval over the items."""
-    n = len(outcomes)
-    if n == 0:
-        raise ValueError("mean_over_items needs at least one item.")
-    mean = statistics.fmean(outcomes)
-    if n == 1:
-        return Estimate(mean, 0.0, mean, mean, math.inf, "items", 1)
-    return _t_interval(mean, statistics.stdev(outcomes) / math.sqrt(n), n - 1, "items", n)
+    return _mean_with_t_interval(outcomes, "items")
 
 
 def mean_over_seeds(per_seed_scores: Sequence[float]) -> Estimate:
     """The mean of the per-seed scores with a t-interval over seeds (at least two seeds for an interval)."""
-    k = len(per_seed_scores)
-    if k == 0:
-        raise ValueError("mean_over_seeds needs at least one seed.")
-    mean = statistics.fmean(per_seed_scores)
-    if k == 1:
-        return Estimate(mean, 0.0, mean, mean, math.inf, "seeds", 1)
-    return _t_interval(mean, statistics.stdev(per_seed_scores) / math.sqrt(k), k - 1, "seeds", k)
+    return _mean_with_t_interval(per_seed_scores, "seeds")
 
 
 def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> Estimate:
