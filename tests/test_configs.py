@@ -1,12 +1,14 @@
-"""The trainers' configs keep TRL's defaults without the warnings of names transformers deprecates."""
+"""The trainers' configs keep TRL's defaults without the warnings of names transformers deprecates, and refuse, where
+each field is declared, the values that would silently ruin a run, naming the field, the value and what is allowed."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 
-from trl_selfdistill import DynSDPBConfig, SDFTConfig
+from trl_selfdistill import DynSDPBConfig, SDFTConfig, SDFTDynSDPBConfig
 
 
 @pytest.mark.parametrize("config_class", [SDFTConfig, DynSDPBConfig])
@@ -22,3 +24,85 @@ def test_checkpointing_is_on_by_default_without_a_deprecation_warning(tmp_path, 
     with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the old name still works, and says so
         old = config_class(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False)
     assert old.activation_checkpointing is False
+
+
+def make(config_class, **fields):
+    return config_class(output_dir="unused", use_cpu=True, bf16=False, **fields)
+
+
+@pytest.mark.parametrize("config_class", [DynSDPBConfig, SDFTDynSDPBConfig])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"distill_alpha": math.nan}, r"`distill_alpha` must be a finite number >= 0, got nan"),
+        ({"distill_alpha": math.inf}, r"`distill_alpha` must be a finite number >= 0, got inf"),
+        ({"distill_alpha": "1.0"}, r"`distill_alpha` must be a finite number >= 0, got '1.0'"),
+        ({"distill_temperature": math.nan}, r"`distill_temperature` must be a finite number > 0, got nan"),
+        ({"distill_temperature": -math.inf}, r"`distill_temperature` must be a finite number > 0, got -inf"),
+        ({"distill_temperature": "hot"}, r"`distill_temperature` must be a finite number > 0, got 'hot'"),
+        ({"reuse_fraction": 0.6}, r"`reuse_fraction` must be a finite number > 0 and <= 0.5, got 0.6"),
+        ({"reuse_fraction": 0.0}, r"`reuse_fraction` must be a finite number > 0 and <= 0.5, got 0.0"),
+        ({"reuse_fraction": "0.5"}, r"`reuse_fraction` must be a finite number > 0 and <= 0.5, got '0.5'"),
+        ({"loss_chunk_size": 2.5}, r"`loss_chunk_size` must be an integer >= 1, got 2.5"),
+        ({"loss_chunk_size": True}, r"`loss_chunk_size` must be an integer >= 1, got True"),
+    ],
+)
+def test_dynsdpb_fields_refuse_values_that_would_ruin_training(config_class, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make(config_class, **fields)
+
+
+@pytest.mark.parametrize("config_class", [SDFTConfig, SDFTDynSDPBConfig])
+@pytest.mark.parametrize(
+    ("decoding", "message"),
+    [
+        ({"max_new_tokens": -5}, r"`distill_generation_kwargs.max_new_tokens` must be an integer >= 1, got -5"),
+        ({"max_new_tokens": 0}, r"max_new_tokens` must be an integer >= 1, got 0"),
+        ({"max_new_tokens": "512"}, r"max_new_tokens` must be an integer >= 1, got '512'"),
+        ({"max_new_tokens": 2.5}, r"max_new_tokens` must be an integer >= 1, got 2.5"),
+        ({"temperature": -1}, r"`distill_generation_kwargs.temperature` must be a finite number > 0, got -1"),
+        ({"temperature": "hot"}, r"temperature` must be a finite number > 0, got 'hot'"),
+        ({"temperature": math.nan}, r"temperature` must be a finite number > 0, got nan"),
+        ({"top_p": 1.5}, r"`distill_generation_kwargs.top_p` must be a finite number > 0 and <= 1, got 1.5"),
+        ({"top_k": -3}, r"`distill_generation_kwargs.top_k` must be an integer >= 0, got -3"),
+        ({"do_sample": "false"}, r"`distill_generation_kwargs.do_sample` must be true or false, got 'false'"),
+        ('{"max_new_tokens": 256', r"`distill_generation_kwargs` must be a JSON object .* got '\{\"max_new_tokens"),
+        ("[256]", r"`distill_generation_kwargs` must be a JSON object \(a dict of decoding options\), got \[256\]"),
+    ],
+)
+def test_decoding_options_are_checked_with_their_field_named(config_class, decoding, message):
+    with pytest.raises(ValueError, match=message):
+        make(config_class, distill_generation_kwargs=decoding)
+
+
+def test_valid_decoding_options_pass_as_given():
+    args = make(SDFTConfig, distill_generation_kwargs='{"do_sample": false, "max_new_tokens": 256, "top_k": 0}')
+    assert args.distill_generation_kwargs == {"do_sample": False, "max_new_tokens": 256, "top_k": 0}
+    assert make(SDFTConfig, distill_generation_kwargs={"temperature": None}).distill_generation_kwargs == {
+        "temperature": None
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"distill_server_url": "localhost:8000"}, r"`distill_server_url` must be an http\(s\) URL with a host"),
+        ({"distill_server_url": "http://"}, r"`distill_server_url` must be an http\(s\) URL with a host"),
+        ({"distill_server_timeout": 0}, r"`distill_server_timeout` must be a finite number > 0, got 0"),
+        ({"distill_server_timeout": math.nan}, r"`distill_server_timeout` must be a finite number > 0, got nan"),
+        ({"distill_server_concurrency": 0}, r"`distill_server_concurrency` must be an integer >= 1, got 0"),
+        ({"distill_server_concurrency": 2.5}, r"`distill_server_concurrency` must be an integer >= 1, got 2.5"),
+        ({"distill_server_max_retries": -1}, r"`distill_server_max_retries` must be an integer >= 0, got -1"),
+    ],
+)
+def test_server_settings_are_checked_by_the_config(fields, message):
+    server = {"distill_engine": "server", "distill_server_url": "http://localhost:8000", **fields}
+    with pytest.raises(ValueError, match=message):
+        make(SDFTConfig, **server)
+
+
+def test_a_custom_template_with_a_placeholder_it_cannot_fill_is_refused():
+    with pytest.raises(ValueError, match=r"placeholder\(s\) \['\{extra\}'\] that are never filled"):
+        make(SDFTConfig, distill_template="{instruction}\n{reference}\n{extra}")
+    # other braces (JSON, code) are text, as before
+    assert make(SDFTConfig, distill_template='{instruction} {reference} {"answer": 1}').distill_template

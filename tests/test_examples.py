@@ -37,12 +37,13 @@ def test_cpu_demo_config_parses_with_cli_overrides():
         ["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml"), "--distill_generation_kwargs", '{"top_k": 5}']
     )
     assert model_args.model_name_or_path == "bundled/SmolLM2-135M-Instruct"
-    assert script_args.dataset_name == "bundled/gsm8k"
+    assert script_args.dataset_name == "bundled/addition"
     assert (args.distill_template, args.distill_checker) == ("gsm8k", "math")
     assert DistillSpec.from_config(args).decoding == {"do_sample": True, "temperature": 0.95, "top_p": 0.7,
                                                       "top_k": 5, "max_new_tokens": 512}  # fmt: skip
     _, args, _ = parse(["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml")])
-    assert DistillSpec.from_config(args).decoding["max_new_tokens"] == 256  # the YAML dict
+    decoding = DistillSpec.from_config(args).decoding  # the YAML dict: greedy rewrites of at most 256 tokens
+    assert (decoding["do_sample"], decoding["max_new_tokens"]) == (False, 256)
 
 
 def test_paper_recipe_config_is_the_paper_recipe():
@@ -64,12 +65,14 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
                "--distill_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
                "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
                "--eval_task_samples", "2", "--eval_task_dataset", str(tmp_path / "train.jsonl"),
-               "--dataset_test_split", "train", "--eval_max_new_tokens", "4"]  # fmt: skip
+               "--dataset_test_split", "train", "--eval_max_new_tokens", "4",
+               "--eval_ifeval_samples", "2", "--eval_ifeval_max_new_tokens", "4"]  # fmt: skip
     if peft:
         command += ["--use_peft", "--lora_target_modules", "q_proj", "v_proj"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "GSM8K accuracy on 2 held-out questions: before" in completed.stdout
+    assert "Task accuracy on 2 held-out questions (what SDFT teaches): before" in completed.stdout
+    assert "IFEval prompt-level strict accuracy on 2 prompts (what it forgets): before" in completed.stdout
     report = json.loads((tmp_path / "out" / "distillation_report.json").read_text())
     assert report["total"] == 4 and report["checker"] == "math" and report["template"] == "math"
     saved = {p.name for p in (tmp_path / "out").iterdir()}

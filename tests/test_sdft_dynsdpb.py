@@ -155,7 +155,7 @@ def test_config_parses_from_yaml_with_the_fields_of_both_methods(tmp_path):
         ({"distill_engine": "server"}, "distill_server_url"),
         ({"distill_template": "no placeholders"}, "instruction"),
         ({"distill_alpha": -1.0}, "distill_alpha"),  # DynSDPBConfig's checks
-        ({"reuse_fraction": 0.75}, "re-used"),
+        ({"reuse_fraction": 0.75}, "reuse_fraction"),
         ({"teacher_cache_dtype": "int8"}, "teacher_cache_dtype"),
     ],
 )

@@ -10,7 +10,7 @@ from datasets import IterableDataset
 from peft import LoraConfig
 from recipes import tiny_training_args
 from tiny_models import addition_rows, build_tiny_llama, build_tiny_tokenizer
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import BUNDLED_MODEL_NAME, DynSDPBConfig, DynSDPBTrainer
@@ -212,8 +212,63 @@ def test_a_broken_weighting_rule_is_refused_at_construction(tmp_path):
             return torch.tensor(0.5), torch.tensor(3.0)  # not one per sample
 
     tokenizer = build_tiny_tokenizer()
-    with pytest.raises(ValueError, match="one weight and one positive temperature per re-used sample"):
+    with pytest.raises(ValueError, match="one finite weight and one finite positive temperature per re-used sample"):
         OneWeightForAll(
             model=build_tiny_llama(tokenizer), args=config(tmp_path), train_dataset=addition_rows(),
             processing_class=tokenizer,
         )  # fmt: skip
+
+
+def test_a_weighting_rule_giving_non_finite_weights_is_refused_at_construction(tmp_path):
+    class InfiniteWeights(DynSDPBTrainer):
+        def distillation_weights(self, stats):
+            return torch.full_like(stats.uncertainty, math.inf), torch.full_like(stats.uncertainty, 3.0)
+
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="one finite weight"):
+        InfiniteWeights(
+            model=build_tiny_llama(tokenizer), args=config(tmp_path), train_dataset=addition_rows(),
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def _train_until_stopped(trainer) -> tuple[str, dict[str, torch.Tensor]]:
+    """Trains until the non-finite guard stops it; returns its message and the weights before and after."""
+    weights = {}
+
+    class KeepWeights(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            weights.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(KeepWeights())
+    with pytest.raises(FloatingPointError) as stopped:
+        trainer.train()
+    return str(stopped.value), weights
+
+
+def test_a_temperature_that_overflows_the_gradients_stops_training_with_the_weights_intact(tmp_path):
+    # the loss stays finite (the term is scaled by T^2 = 0) while its gradients are NaN
+    trainer = make_trainer(tmp_path, distill_mode="constant", distill_temperature=1e-45)
+    message, last_good = _train_until_stopped(trainer)
+    assert "Training stopped at step 2, before its update: the gradient norm is nan" in message
+    assert "distill_temperature=1e-45" in message and "temperature 1.401e-45" in message
+    assert trainer.state.global_step == 1
+    for name, param in trainer.model.named_parameters():
+        assert param.isfinite().all() and torch.equal(param, last_good[name]), name
+
+
+def test_a_distillation_term_that_overflows_stops_training_before_its_update(tmp_path):
+    class HugeWeights(DynSDPBTrainer):
+        def distillation_weights(self, stats):
+            return torch.full_like(stats.uncertainty, 1e38), torch.full_like(stats.uncertainty, 3.0)
+
+    tokenizer = build_tiny_tokenizer()
+    trainer = HugeWeights(
+        model=build_tiny_llama(tokenizer), args=config(tmp_path), train_dataset=addition_rows(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    message, last_good = _train_until_stopped(trainer)
+    assert "Training stopped at step 2, before its update: the loss is not finite" in message
+    assert "distillation term inf" in message and "alpha 1e+38" in message
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, last_good[name]), name

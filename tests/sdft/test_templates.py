@@ -152,9 +152,9 @@ def test_raw_without_tokenizer():
 
 
 def test_raw_custom_template(tiny_tokenizer):
-    template = resolve_template("Rewrite {reference} for {instruction} in {style}.")
+    template = resolve_template('Rewrite {reference} for {instruction} as {"style": "plain"}.')
     text = render_prompt(template, "task", "ref", tiny_tokenizer, mode="raw")
-    assert text == "<s>Rewrite ref for task in {style}."
+    assert text == '<s>Rewrite ref for task as {"style": "plain"}.'  # braces that name no placeholder are text
 
 
 def test_raw_needs_no_chat_template(make_tiny_tokenizer):
@@ -182,9 +182,9 @@ def test_chat_mode_order_and_lead_in(tiny_tokenizer, template):
 
 
 def test_chat_mode_custom_template_has_no_system(tiny_tokenizer):
-    template = resolve_template("{instruction} -> {reference} {x}")
+    template = resolve_template("{instruction} -> {reference} {}")
     text = render_prompt(template, "a", "b", tiny_tokenizer, mode="chat")
-    assert text == "<s><|user|>\na -> b {x}</s>\n<|assistant|>\n"
+    assert text == "<s><|user|>\na -> b {}</s>\n<|assistant|>\n"
 
 
 def test_chat_mode_folds_system_when_template_rejects_it(make_tiny_tokenizer):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..utils import CheckpointingByItsNewName
+from ..validation import check_number
 from .sampler import reuse_count_for
 from .schedule import DISTILL_MODES
 
@@ -36,8 +37,8 @@ class DynSDPBConfig(CheckpointingByItsNewName, SFTConfig):
         distill_temperature (`float`, *optional*, defaults to `3.0`):
             Base distillation temperature (DLB's default).
         reuse_fraction (`float`, *optional*, defaults to `0.5`):
-            Fraction of each per-device batch that re-uses the previous step's new samples; at most 0.5 (the
-            previous step only had `1 - reuse_fraction` new samples), and it must leave at least one re-used sample.
+            Fraction of each per-device batch that re-uses the previous step's new samples, in (0, 0.5] (the previous
+            step only had `1 - reuse_fraction` new samples); it must leave at least one re-used sample.
         teacher_cache_dtype (`str`, *optional*, defaults to `"bfloat16"`):
             Dtype of the cached previous-step predictions: final hidden states when the output layer is frozen (LoRA,
             QLoRA), logits when it is trained.
@@ -70,14 +71,21 @@ class DynSDPBConfig(CheckpointingByItsNewName, SFTConfig):
         super().__post_init__()
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"`distill_mode` must be one of {sorted(DISTILL_MODES)}, got {self.distill_mode!r}.")
-        if self.distill_alpha < 0:
-            raise ValueError(f"`distill_alpha` must be >= 0, got {self.distill_alpha}.")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}.")
+        # NaN or inf here turns every loss into NaN after the first re-used batch, and the weights with it.
+        check_number("distill_alpha", self.distill_alpha, low=0, hint="0 turns the distillation term off.")
+        check_number("distill_temperature", self.distill_temperature, low=0, low_open=True)
+        check_number(
+            "reuse_fraction",
+            self.reuse_fraction,
+            low=0,
+            high=0.5,
+            low_open=True,
+            hint="The previous step had only (1 - reuse_fraction) new samples to re-use; 0.5 is the paper's.",
+        )
         if self.teacher_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"`teacher_cache_dtype` must be one of {CACHE_DTYPES}, got {self.teacher_cache_dtype!r}.")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"`loss_chunk_size` must be >= 1 or None, got {self.loss_chunk_size}.")
+        if self.loss_chunk_size is not None:
+            check_number("loss_chunk_size", self.loss_chunk_size, integer=True, low=1, hint="Or None for the default.")
         reuse = self.reuse_count  # validates the pair
         if not math.isclose(self.per_device_train_batch_size * self.reuse_fraction, reuse):
             warnings.warn(

@@ -13,6 +13,7 @@ of tokens at a time, so that no full logits tensor ever exists (head.py, losses.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -236,11 +237,16 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         """`distillation_weights(stats)`, refused unless it gives one `alpha_i` and one `T_i > 0` per sample."""
         alphas, temperatures = (torch.as_tensor(w) for w in self.distillation_weights(stats))
         expected = tuple(stats.uncertainty.shape)
-        if tuple(alphas.shape) != expected or tuple(temperatures.shape) != expected or (temperatures <= 0).any():
+        if (
+            tuple(alphas.shape) != expected
+            or tuple(temperatures.shape) != expected
+            or (temperatures <= 0).any()
+            or not (alphas.isfinite().all() and temperatures.isfinite().all())
+        ):
             raise ValueError(
-                f"`{type(self).__name__}.distillation_weights` must return one weight and one positive temperature "
-                f"per re-used sample, as two tensors of shape {expected}; got shapes {tuple(alphas.shape)} and "
-                f"{tuple(temperatures.shape)}. Compute them per sample from `stats.uncertainty` and "
+                f"`{type(self).__name__}.distillation_weights` must return one finite weight and one finite positive "
+                f"temperature per re-used sample, as two tensors of shape {expected}; got {alphas.tolist()} and "
+                f"{temperatures.tolist()}. Compute them per sample from `stats.uncertainty` and "
                 "`stats.discrimination`."
             )
         return alphas, temperatures
@@ -353,6 +359,7 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
             )
             gathered = self.accelerator.gather(sums[None]).sum(0).tolist()
         ce, distill, correct, entropy, distilled, batch_rows, seen, *dynamics = gathered
+        self._stop_on_non_finite_loss(ce, distill, distilled, dynamics)
         self._total_train_tokens += int(seen)
         metrics = self._metrics["train"]
         metrics["num_tokens"] = [self._total_train_tokens]
@@ -381,6 +388,40 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
                 metrics[name][-1] = mean  # the step's entry so far
             else:
                 metrics[name].append(mean)
+
+    def _stop_on_non_finite_loss(self, ce: float, distill: float, distilled: float, dynamics: list[float]) -> None:
+        """Raises before the backward pass of a micro-batch whose loss is NaN or infinite (see `_get_grad_norm`).
+
+        The values are gathered over processes, so every process stops at the same micro-batch.
+        """
+        self._last_loss_terms = (ce, distill, distilled, dynamics)
+        if not (math.isfinite(ce) and math.isfinite(distill)):
+            self._stop_non_finite("the loss is not finite")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # A finite loss can still give NaN gradients (a temperature so small that the logits over it overflow), and
+        # one such update puts NaN in every trained weight, which no later step undoes, while the logged loss can
+        # show 0.0. `Trainer` computes the global norm of the step's gradients here, just before the optimizer step.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # fp16's gradient scaler expects overflows: it skips those steps and lowers its scale by itself.
+        if self.accelerator.scaler is None and grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self._stop_non_finite(f"the gradient norm is {float(grad_norm)}")
+        return grad_norm
+
+    def _stop_non_finite(self, what: str) -> None:
+        ce, distill, distilled, dynamics = getattr(self, "_last_loss_terms", (math.nan, math.nan, 0, []))
+        means = ", ".join(
+            f"{name} {value / distilled:.4g}"
+            for name, value in zip(("uncertainty", "discrimination", "alpha", "temperature"), dynamics, strict=True)
+        )
+        raise FloatingPointError(
+            f"Training stopped at step {self.state.global_step + 1}, before its update: {what} (last micro-batch: "
+            f"cross-entropy {ce:.4g}, distillation term {distill:.4g}, {int(distilled)} re-used samples"
+            f"{' with mean ' + means if distilled else ''}; distill_mode={self.args.distill_mode!r}, "
+            f"distill_alpha={self.args.distill_alpha}, distill_temperature={self.args.distill_temperature}). The "
+            "weights are those of the previous step. A tiny temperature or a huge weight overflows the distillation "
+            "term: use values nearer DLB's defaults (alpha 1, temperature 3), or load the model in higher precision."
+        )
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):

@@ -14,10 +14,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
+from urllib.parse import urlsplit
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..validation import check_number
 from .base import Completion, bos_added_on_encoding
 
 logger = logging.get_logger(__name__)
@@ -57,6 +59,20 @@ def completion_fields(decoding: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def check_server_settings(
+    url: str, concurrency: int, timeout: float, max_retries: int, backoff: float = 1.0, *, prefix: str = ""
+) -> None:
+    """The server engine's settings, refused with their names (`prefix` + name, e.g. `distill_server_timeout`)."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
+        raise ValueError(
+            f"`{prefix}url` must be an http(s) URL with a host, e.g. 'http://localhost:8000', got {url!r}."
+        )
+    check_number(f"{prefix}concurrency", concurrency, integer=True, low=1)
+    check_number(f"{prefix}timeout", timeout, low=0, low_open=True, hint="Seconds one request may take.")
+    check_number(f"{prefix}max_retries", max_retries, integer=True, low=0)
+    check_number(f"{prefix}backoff", backoff, low=0)
+
+
 class ServerEngine:
     """Rewrites on an OpenAI-compatible completions server.
 
@@ -81,13 +97,7 @@ class ServerEngine:
         max_retries: int = 5,
         backoff: float = 1.0,
     ):
-        if concurrency < 1 or timeout <= 0 or max_retries < 0 or backoff < 0:
-            raise ValueError(
-                f"Server engine settings out of range: concurrency={concurrency} (>= 1), timeout={timeout} (> 0), "
-                f"max_retries={max_retries} (>= 0), backoff={backoff} (>= 0)."
-            )
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"The server URL {url!r} needs its scheme, e.g. 'http://{url}'.")
+        check_server_settings(url, concurrency, timeout, max_retries, backoff)
         self.url = url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.concurrency = concurrency

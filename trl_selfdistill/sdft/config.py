@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
+from ..generation.server import check_server_settings
 from ..utils import CheckpointingByItsNewName
 from .spec import DistillSpec
 
@@ -141,6 +143,21 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["distill_generation_kwargs"]
 
     def __post_init__(self):
+        if isinstance(self.distill_generation_kwargs, str):
+            # TrainingArguments would parse it too, but fail with a bare JSONDecodeError naming no field
+            try:
+                self.distill_generation_kwargs = json.loads(self.distill_generation_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`distill_generation_kwargs` must be a JSON object such as "
+                    f'\'{{"max_new_tokens": 256, "do_sample": false}}\', got {self.distill_generation_kwargs!r} '
+                    f"({error})."
+                ) from None
+        if self.distill_generation_kwargs is not None and not isinstance(self.distill_generation_kwargs, dict):
+            raise ValueError(
+                "`distill_generation_kwargs` must be a JSON object (a dict of decoding options), got "
+                f"{self.distill_generation_kwargs!r}."
+            )
         super().__post_init__()
         if isinstance(self.distill_batch_size, str) and self.distill_batch_size.isdigit():
             self.distill_batch_size = int(self.distill_batch_size)  # from the command line
@@ -152,6 +169,14 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             raise ValueError(f"`distill_engine` must be one of {list(DISTILL_ENGINES)}, got {self.distill_engine!r}.")
         if self.distill_engine == "server" and not self.distill_server_url:
             raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+        if self.distill_engine == "server" or self.distill_server_url is not None:
+            check_server_settings(
+                self.distill_server_url,
+                self.distill_server_concurrency,
+                self.distill_server_timeout,
+                self.distill_server_max_retries,
+                prefix="distill_server_",
+            )
         DistillSpec.from_config(self)  # a bad template, checker or decoding fails here, before anything is loaded
 
     @property

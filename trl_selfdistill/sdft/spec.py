@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import GenerationConfig
 
+from ..validation import check_bool, check_number
 from .checkers import Checker, get_checker
 from .templates import RENDER_MODES, DistillTemplate, render_prompt, resolve_template
 
@@ -64,7 +65,31 @@ def resolve_decoding(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             f"Unknown decoding option(s) {unknown} in `distill_generation_kwargs`; use `GenerationConfig` fields "
             "such as `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`."
         )
+    for key, value in decoding.items():
+        if value is None:  # unset: GenerationConfig's default
+            continue
+        if key in _DECODING_RANGES:
+            check_number(f"distill_generation_kwargs.{key}", value, **_DECODING_RANGES[key])
+        elif key in _DECODING_FLAGS:
+            check_bool(f"distill_generation_kwargs.{key}", value, hint="Write the JSON literal, not a string.")
     return decoding
+
+
+# Types and ranges that both `GenerationConfig` (in process) and the OpenAI-compatible API (on a server) accept, for
+# the options people set; GenerationConfig alone takes some out-of-range values and fails (or samples) later.
+_DECODING_RANGES: dict[str, dict[str, Any]] = {
+    "max_new_tokens": {"integer": True, "low": 1},
+    "min_new_tokens": {"integer": True, "low": 0},
+    "max_length": {"integer": True, "low": 1},
+    "temperature": {"low": 0, "low_open": True, "hint": "For greedy rewrites set do_sample: false instead of 0."},
+    "top_p": {"low": 0, "high": 1, "low_open": True},
+    "min_p": {"low": 0, "high": 1},
+    "typical_p": {"low": 0, "high": 1, "low_open": True},
+    "top_k": {"integer": True, "low": 0, "hint": "0 keeps every token."},
+    "repetition_penalty": {"low": 0, "low_open": True},
+    "num_beams": {"integer": True, "low": 1},
+}
+_DECODING_FLAGS = ("do_sample",)
 
 
 @dataclass(frozen=True)

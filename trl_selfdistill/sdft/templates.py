@@ -43,6 +43,7 @@ __all__ = [
 
 RENDER_MODES: tuple[str, ...] = ("chat", "raw")
 _PLACEHOLDER_RE = re.compile(r"\{(instruction|reference|system)\}")
+_NAMED_BRACES_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # what str.format would take for a placeholder
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ def resolve_template(spec: str | DistillTemplate, checker_name: str | None = Non
         if spec in TEMPLATES:
             return TEMPLATES[spec]
         if "{instruction}" in spec and "{reference}" in spec:
+            unknown = sorted(set(_NAMED_BRACES_RE.findall(spec)) - {"instruction", "reference"})
+            if unknown:  # left in the prompt as typed: most likely a typo, or a field the template cannot fill
+                raise ValueError(
+                    f"The custom distillation template has placeholder(s) {['{' + name + '}' for name in unknown]} "
+                    "that are never filled: a custom template fills only {instruction} and {reference}. Remove them "
+                    "or put the text in the template itself."
+                )
             return DistillTemplate(name="custom", system=None, user=spec)
     raise ValueError(
         f"Unknown distillation template {spec!r}: use one of {sorted(TEMPLATES) + ['auto']}, or a custom "
