@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -189,3 +192,117 @@ def test_raw_socket_module_cannot_reach_loopback():
 def test_bad_arguments_are_refused_before_anything_runs(program, limits, error):
     with pytest.raises((TypeError, ValueError), match=error):
         run_untrusted(program, **limits)
+
+
+# ---------------------------------------------------------------- one run cannot reach another, or the host
+_NAMESPACES = pytest.mark.skipif(not _namespace_support()[1], reason="needs the mount namespace (root)")
+
+
+@_NAMESPACES
+def test_a_process_that_left_the_group_is_killed_when_the_run_returns():
+    program = textwrap.dedent("""\
+        import os, time
+        if os.fork() == 0:
+            os.setsid()  # out of the process group that the final killpg reaches
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            os._exit(0)
+        time.sleep(0.5)
+        print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+        """)
+    result = run_untrusted(program, timeout=10)
+    assert result.passed, result
+    pids = eval(result.stdout)  # the program sees only its own: itself, the sleeper, the exited middle child
+    assert 2 <= len(pids) <= 3
+    for pid in pids:  # gone, or a zombie: dead, waiting for an init that may never reap it
+        try:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        assert state == b"Z", (pid, state)
+
+
+@_NAMESPACES
+def test_each_run_has_its_own_identity():
+    program = "import os; print(os.getuid(), os.getgid())"
+    first, second = (run_untrusted(program, timeout=5).stdout.split() for _ in range(2))
+    assert first != second and first[0] == first[1]
+    assert int(first[0]) not in (0, 65534)
+
+
+@_NAMESPACES
+def test_other_processes_command_lines_are_invisible():
+    secret = f"--hub_token=hf_{uuid.uuid4().hex}"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", secret])
+    try:
+        program = textwrap.dedent(f"""\
+            import os
+            found = []
+            for pid in os.listdir('/proc'):
+                try:
+                    if {secret!r}.encode() in open(f'/proc/{{pid}}/cmdline', 'rb').read():
+                        found.append(pid)
+                except OSError:
+                    pass
+            print(found, {holder.pid} in [int(p) for p in os.listdir('/proc') if p.isdigit()])
+            """)
+        result = run_untrusted(program, timeout=5)
+        assert result.stdout.strip() == "[] False", result
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@_NAMESPACES
+def test_sysv_shared_memory_does_not_outlive_the_run():
+    key = 0x5EED0000 + os.getpid() % 0xFFFF
+    program = textwrap.dedent(f"""\
+        import ctypes, ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        flags = {{"create": 0o1000 | 0o666, "open": 0}}  # IPC_CREAT | rw, or only look it up
+        print(libc.shmget({key}, 1 << 20, flags["MODE"]))
+        """)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    try:
+        created = run_untrusted(program.replace('"MODE"', '"create"'), timeout=5)
+        assert int(created.stdout) >= 0, created  # the segment was made inside the run
+        opened = run_untrusted(program.replace('"MODE"', '"open"'), timeout=5)
+        assert int(opened.stdout) == -1, opened  # the next run does not find it
+        assert libc.shmget(key, 0, 0) == -1  # nor does the host
+    finally:
+        segment = libc.shmget(key, 0, 0)
+        if segment >= 0:
+            libc.shmctl(segment, 0, None)  # IPC_RMID: do not leave a leaked segment behind
+
+
+@_NAMESPACES
+def test_relative_paths_are_written_in_the_work_dir():
+    result = run_untrusted("open('rel.txt', 'w').write('x'); print(open('rel.txt').read())", timeout=5)
+    assert result.passed and result.stdout.strip() == "x", result
+
+
+@_NAMESPACES
+def test_the_work_dir_bounds_what_all_files_take_together():
+    program = textwrap.dedent("""\
+        written = 0
+        try:
+            for i in range(40):
+                with open(f'f{i}', 'wb') as f:
+                    f.write(b'x' * 15 * 2**20)
+                written += 15
+        except OSError as error:
+            print(written, error.errno)
+        """)
+    result = run_untrusted(program, timeout=20, max_disk_bytes=64 * 2**20)
+    written, errno_ = (int(x) for x in result.stdout.split())
+    assert written <= 60 and errno_ == 28, result  # ENOSPC at the tmpfs's 64 MiB, not 600 MB on the host disk
+
+
+@_NAMESPACES
+def test_a_deep_directory_tree_neither_breaks_the_run_nor_is_left_behind():
+    before = set(Path(tempfile.gettempdir()).glob("sandbox-*"))
+    program = "import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+    result = run_untrusted(program, timeout=20)
+    assert result.passed and result.stdout.strip() == "deep", result
+    assert set(Path(tempfile.gettempdir()).glob("sandbox-*")) == before

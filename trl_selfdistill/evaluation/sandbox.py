@@ -11,28 +11,43 @@ Containment, in the order it is applied in the child (``preexec_fn``):
   fails with ``ENETUNREACH``. If namespaces are not permitted (not root, seccomp, ...), a best-effort fallback
   replaces ``socket.socket``/``socket.create_connection`` with functions that raise before the program runs; a
   program that imports ``_socket`` directly bypasses this fallback.
-* **Filesystem** - with a new mount namespace (``unshare(CLONE_NEWNS)``, root mount made private so nothing leaks
-  back), ``/`` is remounted read-only, ``/dev/shm`` gets a small private tmpfs, the directory holding the
-  interpreter's inaccessible ancestor (``/root`` here) is covered by an empty tmpfs with only the interpreter
-  prefix bound back in (this also hides the real home), and only the work directory stays writable. Each of the
-  caller's ``hidden_paths`` (e.g. a benchmark's reference answers) is covered as well: a directory by an empty
-  read-only tmpfs, a file by ``/dev/null``. The program then runs as ``nobody`` (uid/gid 65534, no supplementary
-  groups), so it cannot undo the mounts. Writes to ``~`` land in the work directory; writes to the real home path
-  fail. ``RLIMIT_FSIZE`` bounds every file it writes, stdout/stderr included. Without a mount namespace only the
-  ``HOME``/``TMPDIR`` redirect applies: a root program could still write anywhere by absolute path, and nothing
-  is hidden, so any program can read whatever the parent's user can.
+* **Identity and IPC** - with a mount namespace (root on Linux), each run gets a uid of its own, drawn from a range
+  no account uses, and a new IPC namespace: a run cannot signal, trace or read the ``/proc`` of another run's
+  processes, its ``RLIMIT_NPROC`` counts its own processes only, its SysV shared memory, semaphores and queues die
+  with it, and when it returns every process of that uid is ``SIGKILL``-ed, including those that left the process
+  group (``setsid()``, double forks).
+* **Filesystem** - in the new mount namespace (root mount made private so nothing leaks back), ``/`` is remounted
+  read-only, ``/dev/shm`` gets a small private tmpfs, ``/proc`` is a fresh procfs with ``hidepid=2`` (the program
+  sees only its own processes: no other command line, environment or root), the directory holding the
+  interpreter's inaccessible ancestor (``/root`` here) is covered by an empty tmpfs with only the interpreter prefix
+  bound back in (this also hides the real home), and the work directory is a fresh tmpfs of ``max_disk_bytes``
+  owned by the run's uid, holding ``main.py`` and the program's cwd: what the program writes is bounded as a whole
+  and vanishes with the run. Each of the caller's ``hidden_paths`` (e.g. a benchmark's reference answers) is covered
+  as well: a directory by an empty read-only tmpfs, a file by ``/dev/null``. ``RLIMIT_FSIZE`` bounds every file it
+  writes, stdout/stderr included.
 * **Resources** - ``RLIMIT_AS`` (memory: big allocations raise ``MemoryError`` in the child), ``RLIMIT_CPU``,
-  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC``. The kernel never enforces ``RLIMIT_NPROC`` for uid 0,
-  so the fork limit holds only when the program runs as ``nobody`` (i.e. with the mount namespace). It counts
-  *all* processes of ``nobody`` on the machine, so concurrent sandboxes share it.
-* **Time** - a wall-clock timeout, after which (and after every normal exit, to reap leftovers) the whole
-  process group is ``SIGKILL``-ed with ``os.killpg``.
+  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (per run, through its uid).
+* **Time** - a wall-clock timeout, after which (and after every normal exit) the process group and every process of
+  the run's uid are ``SIGKILL``-ed. The run's folder is then removed, however deep the program made it.
 
-Limits: a program that calls ``setsid()``/``setpgid()`` leaves the process group and survives the final
-``killpg`` (it stays bound by ``RLIMIT_CPU``, the fork limit and the namespaces); a PID namespace or cgroup would
-close that gap. ``/proc`` and ``/sys`` stay visible read-only-for-nobody, so the program can read system
-information. ``preexec_fn`` is not safe in a multi-threaded parent; call this from the main thread of a process
-without other threads that hold locks (the usual evaluation loop).
+What it does not contain (with namespaces):
+
+* The rest of the host's filesystem stays **readable** where its permissions let any user read: the project
+  checkout, other copies of the benchmark data, world-readable files. Only the interpreter's private ancestor and
+  ``hidden_paths`` are covered; the root is not reduced to what Python needs.
+* Host **unix sockets** that any user may write to (mode 0777 socket files) can still be connected to: the network
+  namespace covers IP, not the filesystem's sockets.
+* **Memory** is limited per process (``RLIMIT_AS``), not per run: ``max_processes`` processes may each use
+  ``memory_bytes``. No cgroup is used.
+* ``/sys`` stays readable, so the program can read system information.
+
+Without namespaces (not root, or namespaces not permitted): only the rlimits, the timeout, the process-group kill, the
+``HOME``/``TMPDIR`` redirect and the socket fallback apply. The program runs as the caller's user: it can read and
+write whatever that user can, nothing is hidden, ``RLIMIT_NPROC`` counts all of that user's processes (root: not
+enforced), SysV IPC is shared, and a program that calls ``setsid()`` survives the final kill (bound by its rlimits).
+
+``preexec_fn`` is not safe in a multi-threaded parent; call this from the main thread of a process without other
+threads that hold locks (the usual evaluation loop).
 """
 
 from __future__ import annotations
@@ -40,8 +55,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import resource
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,16 +71,24 @@ from pathlib import Path
 __all__ = ["SandboxResult", "run_untrusted"]
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
 _MS_RDONLY = 0x1
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
 _MS_REMOUNT = 0x20
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _NOBODY = 65534
+# Each run gets its own uid from this range (no user or group of the system owns one): a run cannot signal, trace or
+# read the /proc of another, its process limit is its own, and everything it started can be found and killed.
+_RUN_UIDS = range(1_500_000_000, 1_600_000_000)
 _TAIL_CHARS = 4096
+
+logger = logging.getLogger(__name__)
+_TRUE = shutil.which("true") or "/bin/true"  # exec'ed by the killer child once it has done its work
 
 # Load libc in the parent: dlopen after fork (inside preexec_fn) is not async-signal-safe.
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -114,18 +140,29 @@ def _hidden_ancestor(path: Path) -> Path | None:
 
 
 def _isolate(
-    work: str, *, netns: bool, mntns: bool, limits: dict[int, tuple[int, int]], hidden_paths: tuple[str, ...] = ()
+    work: str,
+    *,
+    netns: bool,
+    mntns: bool,
+    limits: dict[int, tuple[int, int]],
+    hidden_paths: tuple[str, ...] = (),
+    uid: int = _NOBODY,
+    program: bytes | None = None,
+    disk_bytes: int = 64 * 2**20,
 ) -> None:
     """Child-side setup, run between fork and exec. Any exception aborts the launch.
 
     ``hidden_paths`` (absolute, resolved, none of them holding the work dir or the interpreter prefix) are covered
-    once the prefix and the work dir are bound back, so a path inside the prefix is hidden too.
+    once the prefix and the work dir are bound back, so a path inside the prefix is hidden too. With a mount
+    namespace the work dir is a fresh tmpfs of ``disk_bytes`` owned by ``uid``, into which ``program`` is written as
+    ``main.py``: what the program writes is bounded as a whole and vanishes with the run.
     """
     if netns:
         _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
     if mntns:
         prefix = sys.base_prefix
-        _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        # IPC: SysV shared memory, semaphores and message queues of the run die with it, and others' are not seen.
+        _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
         # O_PATH handles survive covering their paths with a tmpfs, so they can be bound back afterwards
         # (opened after unshare: a bind source must belong to the new namespace).
         keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in (prefix, work)}
@@ -146,17 +183,25 @@ def _isolate(
                 _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
         if os.path.isdir("/dev/shm"):
             _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
-        # Only the root mount becomes read-only; the work dir is its own (writable) bind mount.
+        # A /proc of its own that shows only its own processes (hidepid): no other command line, environment or root.
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+        _mount("tmpfs", work, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk_bytes},mode=700,uid={uid},gid={uid}")
+        main = os.path.join(work, "main.py")
+        with open(main, "wb") as file:
+            file.write(program or b"")
+        os.chown(main, uid, uid)
+        # Only the root mount becomes read-only; the work dir is its own (writable) tmpfs.
         _mount(None, "/", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
         if hidden is not None:
             _mount(None, str(hidden), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+        os.chdir(work)  # the cwd was taken before the mounts: it would be the read-only directory underneath
     for limit, value in limits.items():
         if limit != resource.RLIMIT_AS:
             resource.setrlimit(limit, value)
     if mntns:
         os.setgroups([])
-        os.setgid(_NOBODY)
-        os.setuid(_NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
     # Last: the forked child may already exceed the new address-space limit.
     resource.setrlimit(resource.RLIMIT_AS, limits[resource.RLIMIT_AS])
 
@@ -198,6 +243,73 @@ def _tail(path: Path) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
+def _uids_in_use() -> set[int]:
+    uids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                uids.add(entry.stat().st_uid)  # /proc/<pid> belongs to the process's uid
+            except OSError:  # gone meanwhile
+                pass
+    return uids
+
+
+def _fresh_uid() -> int:
+    """A uid from `_RUN_UIDS` that no running process has."""
+    in_use = _uids_in_use()
+    while True:
+        uid = _RUN_UIDS[secrets.randbelow(len(_RUN_UIDS))]
+        if uid not in in_use:
+            return uid
+
+
+def _live_processes_of(uid: int) -> list[int]:
+    """Pids running as `uid`, zombies (already dead, waiting to be reaped) left out."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != b"Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_as(uid: int) -> None:
+    """In a child, as `uid`: `kill(-1, SIGKILL)` reaches every process of that uid and nothing else."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    for _ in range(64):  # a few rounds: a forking program may still be making children during the first
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+
+
+def _kill_processes_of(uid: int) -> None:
+    """SIGKILL everything the run started, wherever it went (a new session, a double fork), until none is left."""
+    for _ in range(32):
+        if not _live_processes_of(uid):
+            return
+        subprocess.run([_TRUE], preexec_fn=functools.partial(_kill_as, uid), env={}, check=False)
+    left = _live_processes_of(uid)
+    if left:
+        logger.warning(f"Sandbox: {len(left)} process(es) of uid {uid} survived SIGKILL: {left[:10]}.")
+
+
+def _remove_tree(path: str) -> None:
+    """Removes a run's folder; never raises (a deep tree makes `shutil.rmtree` recurse past Python's limit)."""
+    if subprocess.run(["rm", "-rf", "--one-file-system", path], capture_output=True, check=False).returncode:
+        logger.warning(f"Sandbox: could not remove {path}.")
+
+
 def _reason(returncode: int, timed_out: bool, finished: bool) -> str:
     if timed_out:
         return "wall-clock timeout"
@@ -218,13 +330,15 @@ def run_untrusted(
     cpu_seconds: int | None = None,
     max_processes: int = 32,
     max_file_bytes: int = 16 * 2**20,
+    max_disk_bytes: int = 64 * 2**20,
     completion_marker: str | None = None,
     hidden_paths: Iterable[str | os.PathLike[str]] = (),
 ) -> SandboxResult:
     """Run ``program`` (Python source) in a contained child process; see the module docstring for what applies.
 
     ``cpu_seconds`` defaults to ``ceil(timeout) + 1``. ``max_file_bytes`` bounds every file written, including
-    stdout and stderr (of which the last 4096 characters are returned).
+    stdout and stderr (of which the last 4096 characters are returned). ``max_disk_bytes`` bounds all the program
+    writes together (its work dir is a tmpfs of that size; with a mount namespace only).
 
     ``completion_marker``: exit code 0 alone does not show that a program did its work, since ``os._exit(0)``,
     ``sys.exit(0)`` or ``unittest.main()`` (also from an ``atexit`` handler, after an error) end it early with
@@ -248,7 +362,8 @@ def run_untrusted(
                 raise ValueError(f"Cannot hide {path!r}: the sandbox needs {needed!r} inside it.")
     limits_given = {
         "timeout": timeout, "memory_bytes": memory_bytes, "max_processes": max_processes,
-        "max_file_bytes": max_file_bytes, "cpu_seconds": 1 if cpu_seconds is None else cpu_seconds,
+        "max_file_bytes": max_file_bytes, "max_disk_bytes": max_disk_bytes,
+        "cpu_seconds": 1 if cpu_seconds is None else cpu_seconds,
     }  # fmt: skip
     bad = {name: value for name, value in limits_given.items() if not value > 0}
     if bad:
@@ -263,16 +378,28 @@ def run_untrusted(
         resource.RLIMIT_AS: (memory_bytes, memory_bytes),
     }
     # Outer dir (root, 0o711) keeps the captured output out of the program's reach; only ``work`` is its own.
-    with tempfile.TemporaryDirectory(prefix="sandbox-") as outer:
+    outer = tempfile.mkdtemp(prefix="sandbox-")
+    try:
         os.chmod(outer, 0o711)
         work = Path(outer, "work")
         work.mkdir()
-        if mntns:
-            os.chown(work, _NOBODY, _NOBODY)
-        (work / "main.py").write_text(program, encoding="utf-8")
+        uid = _fresh_uid() if mntns else None
+        if uid is None:  # no mount namespace: the program runs from the host folder
+            (work / "main.py").write_text(program, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
         code = ["main.py"] if netns else ["-c", _SOCKET_GUARD]
         out_path, err_path = Path(outer, "stdout"), Path(outer, "stderr")
+        isolate = functools.partial(
+            _isolate,
+            str(work),
+            netns=netns,
+            mntns=mntns,
+            limits=limits,
+            hidden_paths=hidden,
+            uid=_NOBODY if uid is None else uid,
+            program=program.encode("utf-8"),
+            disk_bytes=max_disk_bytes,
+        )
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 [_interpreter(), "-I", *code],
@@ -282,9 +409,7 @@ def run_untrusted(
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=functools.partial(
-                    _isolate, str(work), netns=netns, mntns=mntns, limits=limits, hidden_paths=hidden
-                ),
+                preexec_fn=isolate,
             )
             timed_out = False
             try:
@@ -292,11 +417,14 @@ def run_untrusted(
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                # Also after a normal exit: background children left in the group must not outlive the run.
+                # Also after a normal exit: background children must not outlive the run. Its own uid finds them
+                # all, even those that left the process group; without namespaces, the group is what there is.
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+                if uid is not None:
+                    _kill_processes_of(uid)
                 proc.wait()
         returncode = proc.returncode
         # The whole file, at most max_file_bytes: the marker may have scrolled out of the returned tail.
@@ -309,3 +437,5 @@ def run_untrusted(
             stderr=_tail(err_path),
             reason=_reason(returncode, timed_out, finished),
         )
+    finally:
+        _remove_tree(outer)
