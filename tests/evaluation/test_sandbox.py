@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_selfdistill.evaluation.sandbox import _namespace_support, run_untrusted
+from trl_selfdistill.evaluation.sandbox import _cgroup_parents, _namespace_support, run_untrusted
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox relies on POSIX rlimits")
 
@@ -124,7 +124,11 @@ def test_completion_marker_is_found_beyond_the_captured_tail():
 
 @pytest.mark.skipif(not _namespace_support()[1], reason="hiding paths needs the mount namespace (root)")
 def test_hidden_paths_are_invisible():
-    outside = Path(tempfile.mkdtemp(prefix="sandbox-secret-"))  # not pytest's tmp_path: nobody cannot enter that
+    # Inside what the run's root shows (the system's /usr), where hiding is what keeps a file out of reach.
+    shared = Path("/usr/local/share")
+    if not os.access(shared, os.W_OK):
+        pytest.skip(f"needs a writable {shared}")
+    outside = Path(tempfile.mkdtemp(prefix="sandbox-secret-", dir=shared))
     try:
         outside.chmod(0o755)
         kept, lone = outside / "answers.txt", outside / "lone.txt"
@@ -140,7 +144,7 @@ def test_hidden_paths_are_invisible():
                 except OSError as error:
                     print(type(error).__name__)
             """)
-        seen = run_untrusted(program, timeout=5)  # the control: without hiding, nobody reads both files
+        seen = run_untrusted(program, timeout=5)  # the control: without hiding, the run reads both files
         assert seen.stdout.splitlines() == ["['answers.txt', 'lone.txt']", "'42'", "'43'"], seen
         hidden = run_untrusted(program, timeout=5, hidden_paths=[outside])
         assert hidden.stdout.splitlines() == ["[]", "FileNotFoundError", "FileNotFoundError"], hidden
@@ -306,3 +310,94 @@ def test_a_deep_directory_tree_neither_breaks_the_run_nor_is_left_behind():
     result = run_untrusted(program, timeout=20)
     assert result.passed and result.stdout.strip() == "deep", result
     assert set(Path(tempfile.gettempdir()).glob("sandbox-*")) == before
+
+
+@_NAMESPACES
+def test_the_root_holds_only_what_python_needs():
+    checkout = str(Path(__file__).resolve().parents[2])
+    program = textwrap.dedent(f"""\
+        import os
+        print(os.path.exists({checkout!r}), os.path.exists('/etc/passwd'), os.path.exists('/root'),
+              os.listdir('/tmp') == [os.path.basename(os.path.dirname(os.getcwd()))])
+        """)
+    result = run_untrusted(program, timeout=5)
+    assert result.stdout.split() == ["False", "False", "True", "True"], result  # /root: the interpreter's prefix
+
+
+@_NAMESPACES
+def test_host_unix_sockets_open_to_everyone_cannot_be_reached():
+    path = Path(tempfile.gettempdir(), f"sandbox-test-{uuid.uuid4().hex}.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen(1)
+        program = textwrap.dedent(f"""\
+            import socket
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect({str(path)!r})
+                client.sendall(b'hello')
+                print('connected')
+            except OSError as error:
+                print(type(error).__name__)
+            """)
+        result = run_untrusted(program, timeout=5)
+        assert result.stdout.strip() == "FileNotFoundError", result
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+_CGROUPS = pytest.mark.skipif(
+    not {"memory", "cpu"} <= set(_cgroup_parents()), reason="needs writable cgroup v1 memory and cpu hierarchies"
+)
+
+
+@_CGROUPS
+def test_memory_binds_the_run_as_a_whole():
+    # each of 6 children may hold 200 MiB under the per-process limit of 512 MiB; together they may not
+    program = textwrap.dedent("""\
+        import os, time
+        children = []
+        for _ in range(6):
+            pid = os.fork()
+            if pid == 0:
+                held = b'x' * (200 * 2**20)
+                time.sleep(1.5)
+                os._exit(0)
+            children.append(pid)
+        print(sum(os.waitpid(pid, 0)[1] == 0 for pid in children))
+        """)
+    result = run_untrusted(program, timeout=20, memory_bytes=512 * 2**20)
+    held = result.stdout.split()
+    assert held == [] or int(held[0]) <= 2, result  # (an empty output: the parent was the one killed)
+
+
+@_CGROUPS
+def test_cpu_time_binds_the_run_as_a_whole():
+    # 2 busy children for 2 s: 4 CPU seconds on 2 cores without a group, at most about 2 with one CPU for the run
+    program = textwrap.dedent("""\
+        import os, resource, time
+        children = []
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                end = time.monotonic() + 2
+                while time.monotonic() < end:
+                    pass
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(usage.ru_utime + usage.ru_stime)
+        """)
+    result = run_untrusted(program, timeout=20)
+    assert float(result.stdout) < 2.6, result
+
+
+def test_no_group_is_left_behind():
+    run_untrusted("print(1)", timeout=5)
+    for parent in _cgroup_parents().values():
+        assert not list(Path(parent).glob("sandbox-*"))

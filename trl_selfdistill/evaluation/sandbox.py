@@ -16,30 +16,30 @@ Containment, in the order it is applied in the child (``preexec_fn``):
   processes, its ``RLIMIT_NPROC`` counts its own processes only, its SysV shared memory, semaphores and queues die
   with it, and when it returns every process of that uid is ``SIGKILL``-ed, including those that left the process
   group (``setsid()``, double forks).
-* **Filesystem** - in the new mount namespace (root mount made private so nothing leaks back), ``/`` is remounted
-  read-only, ``/dev/shm`` gets a small private tmpfs, ``/proc`` is a fresh procfs with ``hidepid=2`` (the program
-  sees only its own processes: no other command line, environment or root), the directory holding the
-  interpreter's inaccessible ancestor (``/root`` here) is covered by an empty tmpfs with only the interpreter prefix
-  bound back in (this also hides the real home), and the work directory is a fresh tmpfs of ``max_disk_bytes``
-  owned by the run's uid, holding ``main.py`` and the program's cwd: what the program writes is bounded as a whole
-  and vanishes with the run. Each of the caller's ``hidden_paths`` (e.g. a benchmark's reference answers) is covered
-  as well: a directory by an empty read-only tmpfs, a file by ``/dev/null``. ``RLIMIT_FSIZE`` bounds every file it
-  writes, stdout/stderr included.
+* **Filesystem** - in the new mount namespace (root mount made private so nothing leaks back), the program is
+  ``chroot``-ed into a root of its own (:func:`_build_root`): the system's programs and libraries (``/usr`` and its
+  merged-``/usr`` links) and the interpreter's prefix, read-only; ``/dev/null``, ``zero``, ``random``,
+  ``urandom``; a small private ``/dev/shm``; a fresh ``/proc`` with ``hidepid=2`` (the program sees only its own
+  processes: no other command line, environment or root); and the work directory, a fresh tmpfs of
+  ``max_disk_bytes`` owned by the run's uid, holding ``main.py`` and the program's cwd, so that what the program
+  writes is bounded as a whole and vanishes with the run. Nothing else of the host is there: no home, no project
+  checkout, no ``/tmp``, no ``/run`` or other unix sockets, no ``/sys``. Each of the caller's ``hidden_paths`` that
+  the root does show (e.g. reference answers installed in the interpreter's prefix) is covered as well: a
+  directory by an empty read-only tmpfs, a file by ``/dev/null``. ``RLIMIT_FSIZE`` bounds every file it writes,
+  stdout/stderr included.
 * **Resources** - ``RLIMIT_AS`` (memory: big allocations raise ``MemoryError`` in the child), ``RLIMIT_CPU``,
-  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (per run, through its uid).
+  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (per run, through its uid). Where this process may make
+  cgroup v1 groups (its own memory, pids and cpu groups writable, as for root in many containers), the run gets a
+  group of each that binds it as a whole: ``memory_bytes`` of memory for all its processes together (the kernel
+  kills one that goes over), ``max_processes`` processes, and one CPU's time at most.
 * **Time** - a wall-clock timeout, after which (and after every normal exit) the process group and every process of
-  the run's uid are ``SIGKILL``-ed. The run's folder is then removed, however deep the program made it.
+  the run's uid are ``SIGKILL``-ed. The run's folder and groups are then removed, however deep the program made it.
 
 What it does not contain (with namespaces):
 
-* The rest of the host's filesystem stays **readable** where its permissions let any user read: the project
-  checkout, other copies of the benchmark data, world-readable files. Only the interpreter's private ancestor and
-  ``hidden_paths`` are covered; the root is not reduced to what Python needs.
-* Host **unix sockets** that any user may write to (mode 0777 socket files) can still be connected to: the network
-  namespace covers IP, not the filesystem's sockets.
-* **Memory** is limited per process (``RLIMIT_AS``), not per run: ``max_processes`` processes may each use
-  ``memory_bytes``. No cgroup is used.
-* ``/sys`` stays readable, so the program can read system information.
+* Without writable cgroup v1 hierarchies (cgroup v2 hosts, unprivileged containers), **memory** and **CPU time** are
+  limited per process only: ``max_processes`` processes may each use ``memory_bytes`` and ``cpu_seconds``.
+* What ``/usr`` and the interpreter's prefix hold stays **readable** (e.g. packages installed there).
 
 Without namespaces (not root, or namespaces not permitted): only the rlimits, the timeout, the process-group kill, the
 ``HOME``/``TMPDIR`` redirect and the socket fallback apply. The program runs as the caller's user: it can read and
@@ -64,6 +64,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,14 +132,6 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(_libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {target}")
 
 
-def _hidden_ancestor(path: Path) -> Path | None:
-    """First ancestor of ``path`` that ``nobody`` cannot traverse (no o+x), or None."""
-    for parent in reversed(path.parents):
-        if parent != Path("/") and not parent.stat().st_mode & 0o001:
-            return parent
-    return None
-
-
 def _isolate(
     work: str,
     *,
@@ -149,6 +142,7 @@ def _isolate(
     uid: int = _NOBODY,
     program: bytes | None = None,
     disk_bytes: int = 64 * 2**20,
+    cgroups: tuple[str, ...] = (),
 ) -> None:
     """Child-side setup, run between fork and exec. Any exception aborts the launch.
 
@@ -157,44 +151,26 @@ def _isolate(
     namespace the work dir is a fresh tmpfs of ``disk_bytes`` owned by ``uid``, into which ``program`` is written as
     ``main.py``: what the program writes is bounded as a whole and vanishes with the run.
     """
+    for folder in cgroups:  # first, while /sys is still in view: every process the program starts is counted
+        with open(os.path.join(folder, "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
     if netns:
         _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
     if mntns:
-        prefix = sys.base_prefix
         # IPC: SysV shared memory, semaphores and message queues of the run die with it, and others' are not seen.
         _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
-        # O_PATH handles survive covering their paths with a tmpfs, so they can be bound back afterwards
-        # (opened after unshare: a bind source must belong to the new namespace).
-        keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in (prefix, work)}
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below propagates to the host
-        hidden = _hidden_ancestor(Path(prefix))
-        if hidden is not None:
-            _mount("tmpfs", str(hidden), "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
-        for path, fd in keep.items():
-            os.makedirs(path, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-            os.close(fd)
-        for path in hidden_paths:
-            # A path gone from view (e.g. under the covered ancestor) is hidden already and needs no mount.
-            if os.path.isdir(path):
-                _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, "mode=755,size=4k")
-            elif os.path.exists(path):
-                _mount("/dev/null", path, None, _MS_BIND)  # a mount cannot remove a file, only cover it
-                _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-        if os.path.isdir("/dev/shm"):
-            _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
-        # A /proc of its own that shows only its own processes (hidepid): no other command line, environment or root.
-        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
-        _mount("tmpfs", work, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk_bytes},mode=700,uid={uid},gid={uid}")
-        main = os.path.join(work, "main.py")
-        with open(main, "wb") as file:
-            file.write(program or b"")
-        os.chown(main, uid, uid)
-        # Only the root mount becomes read-only; the work dir is its own (writable) tmpfs.
-        _mount(None, "/", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-        if hidden is not None:
-            _mount(None, str(hidden), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-        os.chdir(work)  # the cwd was taken before the mounts: it would be the read-only directory underneath
+        root = _build_root(work, uid, program or b"", disk_bytes)
+        for path in hidden_paths:  # those inside what the root shows (e.g. a package in the interpreter's prefix)
+            target = root + path
+            if os.path.isdir(target):
+                _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, "mode=755,size=4k")
+            elif os.path.exists(target):
+                _mount("/dev/null", target, None, _MS_BIND)  # a mount cannot remove a file, only cover it
+                _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+        _mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        os.chroot(root)
+        os.chdir(work)
     for limit, value in limits.items():
         if limit != resource.RLIMIT_AS:
             resource.setrlimit(limit, value)
@@ -206,6 +182,60 @@ def _isolate(
     resource.setrlimit(resource.RLIMIT_AS, limits[resource.RLIMIT_AS])
 
 
+# What Python needs from the host, shown read-only in the run's root; symlinks (merged /usr) are copied as links.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+
+
+def _bind(source: str, target: str, *, read_only: bool = True) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "ab").close()  # a mount point for a file is a file
+    _mount(source, target, None, _MS_BIND | _MS_REC)
+    if read_only:
+        _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+
+def _build_root(work: str, uid: int, program: bytes, disk_bytes: int) -> str:
+    """The run's whole filesystem, on a tmpfs next to `work` (in the run's mount namespace): returns its path.
+
+    It holds the system's programs and libraries and the interpreter's prefix, read-only; four devices; a
+    `/dev/shm` and a `/proc` of its own (`hidepid=2`: only the run's processes, no other command line, environment
+    or root); and the work dir, a fresh tmpfs of `disk_bytes` owned by `uid` with `main.py` in it, at the same path
+    as on the host. Nothing else of the host exists there: no home, no checkout, no `/tmp`, no `/run` sockets.
+    """
+    root = os.path.join(os.path.dirname(work), "root")
+    _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), root + path)
+        elif os.path.isdir(path):
+            _bind(path, root + path)
+    for path in _SYSTEM_FILES:
+        if os.path.isfile(path):
+            _bind(os.path.realpath(path), root + path)
+    prefix = os.path.realpath(sys.base_prefix)
+    if not os.path.isdir(root + prefix):  # a prefix outside /usr (pyenv, conda, a container's /opt)
+        _bind(prefix, root + prefix)
+    for device in _DEVICES:
+        if os.path.exists(device):
+            _bind(device, root + device, read_only=False)  # a read-only mount would refuse writes to /dev/null
+    os.makedirs(root + "/dev/shm")
+    _mount("tmpfs", root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
+    os.makedirs(root + "/proc")
+    _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+    os.makedirs(root + work)
+    _mount("tmpfs", root + work, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk_bytes},mode=700,uid={uid},gid={uid}")
+    main = root + os.path.join(work, "main.py")
+    with open(main, "wb") as file:
+        file.write(program)
+    os.chown(main, uid, uid)
+    return root
+
+
 @functools.lru_cache(maxsize=1)
 def _namespace_support() -> tuple[bool, bool]:
     """(network namespace, mount namespace + nobody) as far as this machine allows; probed once."""
@@ -213,14 +243,16 @@ def _namespace_support() -> tuple[bool, bool]:
         return False, False
     limits = {resource.RLIMIT_AS: (resource.RLIM_INFINITY, resource.RLIM_INFINITY)}
     with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o777)
+        work = os.path.join(tmp, "work")
+        os.makedirs(work, mode=0o777)
+        os.makedirs(os.path.join(tmp, "root"))
         for netns, mntns in ((True, True), (True, False)):
             try:
                 subprocess.run(
                     [_interpreter(), "-I", "-c", "pass"],
-                    cwd=tmp,
+                    cwd=work,
                     env={},
-                    preexec_fn=functools.partial(_isolate, tmp, netns=netns, mntns=mntns, limits=limits),
+                    preexec_fn=functools.partial(_isolate, work, netns=netns, mntns=mntns, limits=limits),
                     check=True,
                     capture_output=True,
                     timeout=30,
@@ -241,6 +273,67 @@ def _tail(path: Path) -> str:
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_CHARS))
         return f.read().decode("utf-8", errors="replace")
+
+
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_CPU_PERIOD_US = 100_000
+
+
+@functools.lru_cache(maxsize=1)
+def _cgroup_parents() -> dict[str, str]:
+    """`{controller: folder}` of the cgroup v1 hierarchies (memory, pids, cpu) in which this process may make a
+    child group: the groups it is in, where they are writable. Empty without cgroup v1 (or without the right)."""
+    parents = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return parents
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            folder = os.path.join(_CGROUP_ROOT, controller, path.lstrip("/"))
+            if controller in ("memory", "pids", "cpu") and os.access(folder, os.W_OK):
+                if os.path.isfile(os.path.join(folder, "cgroup.procs")):
+                    parents[controller] = folder
+    return parents
+
+
+def _make_cgroups(name: str, memory_bytes: int, max_processes: int) -> list[str]:
+    """One group per controller for a run: its memory and processes together, and one CPU's time at most."""
+    settings = {
+        "memory": [("memory.limit_in_bytes", memory_bytes), ("memory.memsw.limit_in_bytes", memory_bytes)],
+        "pids": [("pids.max", max_processes)],
+        "cpu": [("cpu.cfs_period_us", _CPU_PERIOD_US), ("cpu.cfs_quota_us", _CPU_PERIOD_US)],
+    }
+    made = []
+    try:
+        for controller, parent in _cgroup_parents().items():
+            folder = os.path.join(parent, name)
+            os.mkdir(folder)
+            made.append(folder)
+            for setting, value in settings[controller]:
+                path = os.path.join(folder, setting)
+                if os.path.exists(path):  # memsw exists only with swap accounting
+                    Path(path).write_text(str(value))
+    except OSError as error:
+        logger.warning(f"Sandbox: cgroups unavailable ({error}); only per-process limits apply.")
+        _remove_cgroups(made)
+        return []
+    return made
+
+
+def _remove_cgroups(folders: list[str]) -> None:
+    for folder in folders:
+        for _ in range(50):  # its killed processes leave it within moments
+            try:
+                os.rmdir(folder)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            logger.warning(f"Sandbox: could not remove the cgroup {folder}.")
 
 
 def _uids_in_use() -> set[int]:
@@ -379,11 +472,14 @@ def run_untrusted(
     }
     # Outer dir (root, 0o711) keeps the captured output out of the program's reach; only ``work`` is its own.
     outer = tempfile.mkdtemp(prefix="sandbox-")
+    cgroups: list[str] = []
     try:
         os.chmod(outer, 0o711)
         work = Path(outer, "work")
         work.mkdir()
+        Path(outer, "root").mkdir()  # where the run's own root is mounted, in its namespace
         uid = _fresh_uid() if mntns else None
+        cgroups += _make_cgroups(os.path.basename(outer), memory_bytes, max_processes)
         if uid is None:  # no mount namespace: the program runs from the host folder
             (work / "main.py").write_text(program, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
@@ -399,6 +495,7 @@ def run_untrusted(
             uid=_NOBODY if uid is None else uid,
             program=program.encode("utf-8"),
             disk_bytes=max_disk_bytes,
+            cgroups=tuple(cgroups),
         )
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
@@ -426,6 +523,7 @@ def run_untrusted(
                 if uid is not None:
                     _kill_processes_of(uid)
                 proc.wait()
+                _remove_cgroups(cgroups)
         returncode = proc.returncode
         # The whole file, at most max_file_bytes: the marker may have scrolled out of the returned tail.
         finished = completion_marker is None or completion_marker.encode() in out_path.read_bytes()
@@ -438,4 +536,5 @@ def run_untrusted(
             reason=_reason(returncode, timed_out, finished),
         )
     finally:
+        _remove_cgroups(cgroups)  # again, in case the launch itself failed
         _remove_tree(outer)
