@@ -263,6 +263,11 @@ def test_bundled_addition_splits_are_disjoint_and_answers_right():
     assert len(bundled_addition("train", n=7)) == 7
     with pytest.raises(ValueError, match="Unknown bundled addition split"):
         bundled_addition("validation")
+    for bad in (-3, 2.5, "7"):
+        with pytest.raises(ValueError, match=r"`n` must be an integer >= 0"):
+            bundled_addition("train", n=bad)
+        with pytest.raises(ValueError, match=r"`n` must be an integer >= 0"):
+            bundled_gsm8k("train", n=bad)
 
 
 def test_load_task_dataset_bundled_addition():

@@ -12,6 +12,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from .paths import bundled_resource
+from .validation import check_number
 
 BUNDLED_GSM8K_NAME = "bundled/gsm8k"
 """Name accepted by :func:`load_task_dataset` for the GSM8K sample shipped with the package."""
@@ -42,9 +43,16 @@ def bundled_gsm8k(split: str = "train", n: int | None = None) -> Dataset:
     ``split`` is ``"train"`` (the first 200 rows of the official split) or ``"test"`` (the whole official test split,
     1319 rows, which the forgetting benchmark samples from); ``n`` keeps only the first ``n`` rows.
     """
-    if split not in _BUNDLED_GSM8K_FILES:
-        raise ValueError(f"Unknown bundled GSM8K split {split!r}; expected one of {sorted(_BUNDLED_GSM8K_FILES)}.")
-    dataset = Dataset.from_list(_read_rows(_BUNDLED_GSM8K_FILES[split]))
+    return _bundled_split("GSM8K", _BUNDLED_GSM8K_FILES, split, n)
+
+
+def _bundled_split(task: str, files: dict[str, str], split: str, n: int | None) -> Dataset:
+    """The first ``n`` rows (all if None) of a bundled task's split."""
+    if split not in files:
+        raise ValueError(f"Unknown bundled {task} split {split!r}; expected one of {sorted(files)}.")
+    if n is not None:
+        check_number("n", n, integer=True, low=0, hint="The number of rows to keep; None for all.")
+    dataset = Dataset.from_list(_read_rows(files[split]))
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     return dataset
@@ -83,14 +91,7 @@ def bundled_addition(split: str = "train", n: int | None = None) -> Dataset:
     training and 500 test questions such as ``What is 59 + 63?``, answered step by step and ending in
     ``The answer is 122.`` (the ending the GSM8K checker and probe read). ``n`` keeps only the first ``n`` rows.
     """
-    if split not in _BUNDLED_ADDITION_FILES:
-        raise ValueError(
-            f"Unknown bundled addition split {split!r}; expected one of {sorted(_BUNDLED_ADDITION_FILES)}."
-        )
-    dataset = Dataset.from_list(_read_rows(_BUNDLED_ADDITION_FILES[split]))
-    if n is not None:
-        dataset = dataset.select(range(min(n, len(dataset))))
-    return dataset
+    return _bundled_split("addition", _BUNDLED_ADDITION_FILES, split, n)
 
 
 def official_gsm8k_answer(answer: str) -> str:

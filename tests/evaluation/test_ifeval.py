@@ -325,6 +325,12 @@ def test_shipped_task_utils_reexport_lm_evals_ifeval_scoring():
     assert dataset["train"][0]["key"] == 1000
 
 
+@pytest.mark.parametrize("n", [-1, "5", 2.5])
+def test_load_ifeval_refuses_a_bad_sample_size(n):
+    with pytest.raises(ValueError, match=r"`n` must be an integer >= 0.*sample size"):
+        load_ifeval(n)
+
+
 def test_score_ifeval_responses_rejects_mismatched_lengths(rows):
     with pytest.raises(ValueError, match="2 responses for 1"):
         score_ifeval_responses(rows[:1], ["a", "b"])

@@ -401,3 +401,48 @@ def test_no_group_is_left_behind():
     run_untrusted("print(1)", timeout=5)
     for parent in _cgroup_parents().values():
         assert not list(Path(parent).glob("sandbox-*"))
+
+
+@_NAMESPACES
+def test_a_run_cannot_see_signal_trace_or_read_a_concurrent_run():
+    from trl_selfdistill.evaluation.sandbox import _RUN_UIDS
+
+    other = subprocess.Popen(  # run B, in its own process (preexec_fn wants a single-threaded parent)
+        [sys.executable, "-c", "from trl_selfdistill.evaluation.sandbox import run_untrusted; "
+         "run_untrusted('import time; time.sleep(6)', timeout=10)"],
+    )  # fmt: skip
+    try:
+        deadline, pid = time.monotonic() + 30, None
+        while pid is None and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and entry.stat().st_uid in _RUN_UIDS:
+                        pid = int(entry.name)
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.05)
+        assert pid is not None, "run B did not start"
+        program = textwrap.dedent(f"""\
+            import ctypes, ctypes.util, os
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            outcomes = []
+            for attempt in (lambda: os.kill({pid}, 0), lambda: open('/proc/{pid}/root/main.py').read()):
+                try:
+                    attempt()
+                    outcomes.append('reached')
+                except OSError as error:
+                    outcomes.append(type(error).__name__)
+            outcomes.append('traced' if libc.ptrace(16, {pid}, None, None) == 0 else 'refused')  # PTRACE_ATTACH
+            print(*outcomes)
+            """)
+        result = run_untrusted(program, timeout=5)
+        assert result.stdout.split() in (
+            ["ProcessLookupError", "FileNotFoundError", "refused"],
+            ["PermissionError", "FileNotFoundError", "refused"],
+        ), result
+    finally:
+        try:
+            other.wait(timeout=20)  # B ends by itself and cleans up after its run
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()

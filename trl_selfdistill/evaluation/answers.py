@@ -9,6 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..generation import GenerationEngine, TransformersEngine
+from ..validation import check_number
 
 
 def chat_prompt(tokenizer: Any, user: str, system_prompt: str | None = None) -> str:
@@ -59,10 +60,10 @@ def sample_rows(rows: Sequence[Any], n: int | None, seed: int) -> list[Any]:
     The same ``(n, seed)`` always gives the same rows, and a larger ``n`` with the same seed keeps the smaller draw's
     rows first in the shuffled order, so probe sizes can grow without changing which questions came first.
     """
+    if n is not None:
+        check_number("n", n, integer=True, low=0, hint="A probe's sample size; None for all rows.")
     if n is None or n >= len(rows):
         return list(rows)
-    if n < 0:
-        raise ValueError(f"A probe's sample size must be >= 0 or None (all rows), got {n}.")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in sorted(order[:n])]
