@@ -397,10 +397,19 @@ def test_cpu_time_binds_the_run_as_a_whole():
     assert float(result.stdout) < 2.6, result
 
 
-def test_no_group_is_left_behind():
-    run_untrusted("print(1)", timeout=5)
+def test_no_group_or_folder_is_left_behind(monkeypatch):
+    made = []  # this run's folder (its groups take its name); other runs may be going on beside it
+
+    def recording_mkdtemp(*args, **kwargs):
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    assert run_untrusted("print(1)", timeout=5).passed
+    assert len(made) == 1 and not os.path.exists(made[0])
     for parent in _cgroup_parents().values():
-        assert not list(Path(parent).glob("sandbox-*"))
+        assert not os.path.exists(os.path.join(parent, os.path.basename(made[0])))
 
 
 @_NAMESPACES

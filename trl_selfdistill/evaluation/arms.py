@@ -32,6 +32,7 @@ from ..dynsdpb.trainer import DynSDPBTrainer
 from ..sdft.config import SDFTConfig
 from ..sdft.trainer import SDFTTrainer
 from ..sdft_dynsdpb import SDFTDynSDPBConfig, SDFTDynSDPBTrainer
+from .jsonfiles import read_json, write_json
 
 logger = logging.get_logger(__name__)
 
@@ -185,23 +186,9 @@ def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset:
             DynSDPBTrainer._validate_dynsdpb_before_loading(args, train_dataset, {})
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _write_json(path: str, value: dict[str, Any]) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
-    os.replace(partial, path)  # a crash never leaves a half-written record
-
-
 def arm_record(arm_dir: str) -> dict[str, Any] | None:
     """What a finished arm recorded (settings, train metrics, distillation report), or None if it has not finished."""
-    return _read_json(os.path.join(arm_dir, ARM_RECORD_FILE))
+    return read_json(os.path.join(arm_dir, ARM_RECORD_FILE))
 
 
 def _start_fresh(arm_dir: str, why: str) -> None:
@@ -239,13 +226,12 @@ def train_arm(
         if not changed:
             return record
         _start_fresh(output_dir, f"trained with other settings {_describe(changed)}")
-    started = _read_json(os.path.join(output_dir, ARM_SETTINGS_FILE))
-    if started is not None and changed_settings(started, settings):
-        _start_fresh(
-            output_dir, f"checkpoints from a run with other settings {_describe(changed_settings(started, settings))}"
-        )
+    started = read_json(os.path.join(output_dir, ARM_SETTINGS_FILE))
+    changed = changed_settings(started, settings) if started is not None else {}
+    if changed:
+        _start_fresh(output_dir, f"checkpoints from a run with other settings {_describe(changed)}")
     os.makedirs(output_dir, exist_ok=True)
-    _write_json(os.path.join(output_dir, ARM_SETTINGS_FILE), settings)
+    write_json(os.path.join(output_dir, ARM_SETTINGS_FILE), settings)
     trainer = arm.trainer_class(
         model=model_name,
         args=args,
@@ -272,7 +258,7 @@ def train_arm(
     if hasattr(trainer, "distillation_report"):
         record["distillation"] = trainer.distillation_report
     if trainer.is_world_process_zero():
-        _write_json(os.path.join(output_dir, ARM_RECORD_FILE), record)
+        write_json(os.path.join(output_dir, ARM_RECORD_FILE), record)
     del trainer  # the next arm loads its own copy of the model
     gc.collect()
     if torch.cuda.is_available():

@@ -173,7 +173,8 @@ def probe_every_model(
     adapter is then loaded onto it in turn and cast to the same dtype. An arm trained without PEFT is loaded from its
     own directory. A cached result is reused only for the same weights (their SHA-256) and probe settings.
     """
-    models = [SEED_MODEL, *(run_name(arm, seed) for arm, seed in runs)]
+    # (name, folder of its weights); the seed model is the base itself
+    models = [(SEED_MODEL, None), *((run_name(arm, seed), arm_dir(args.output_dir, arm, seed)) for arm, seed in runs)]
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
@@ -186,10 +187,9 @@ def probe_every_model(
     peft_model = None
     results: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(models) * len(probe_args.probes), desc="forgetting probes (models x probes)") as progress:
-        for name in models:
+        for name, directory in models:
             model, identity = base, seed_identity
-            if name != SEED_MODEL:
-                directory = arm_dir(args.output_dir, *_split_run_name(name))
+            if directory is not None:
                 identity = {**seed_identity, "weights_sha256": weights_digest(directory)}
                 if os.path.isfile(os.path.join(directory, "adapter_config.json")):
                     adapter = name.replace("/", "_")  # PEFT adapter names cannot hold a slash
@@ -209,11 +209,6 @@ def probe_every_model(
                 results[name][probe] = run_probe(probe, name, model, tokenizer, probe_args, cache, identity)
                 progress.update()
     return results
-
-
-def _split_run_name(name: str) -> tuple[str, int]:
-    arm, seed = name.split("/seed-")
-    return arm, int(seed)
 
 
 def similarity_to_seed(results: dict[str, dict[str, Any]], embedder: SentenceEmbedder) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,8 @@ from .advbench import evaluate_advbench, load_advbench
 from .answers import sample_rows
 from .gsm8k import evaluate_gsm8k, load_gsm8k_test
 from .humaneval import evaluate_humaneval, load_humaneval
+from .ifeval import evaluate_ifeval, load_ifeval  # lm-eval itself is imported only when IFEval is scored
+from .jsonfiles import write_json
 from .similarity import general_answers, load_general_prompts
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "model")
@@ -170,15 +172,7 @@ def _addition(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
     )
 
 
-def _load_ifeval(n: int | None, seed: int) -> list[dict[str, Any]]:
-    from .ifeval import load_ifeval  # lm-eval is needed by this probe only
-
-    return load_ifeval(n, seed)
-
-
 def _ifeval(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
-    from .ifeval import evaluate_ifeval
-
     return evaluate_ifeval(
         model, tokenizer, items, batch_size=args.eval_batch_size, max_new_tokens=args.ifeval_max_new_tokens
     )
@@ -235,7 +229,7 @@ PROBES: dict[str, Probe] = {
             "prompt_level_strict_acc",
             "ifeval_samples",
             "ifeval_max_new_tokens",
-            _load_ifeval,
+            load_ifeval,
             _ifeval,
             "prompt_level_strict_acc",
         ),
@@ -325,12 +319,7 @@ class ResultCache:
         return entry["result"] if entry.get("settings") == settings else None
 
     def put(self, model: str, probe: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
-        path = self.path(model, probe)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.partial"
-        with open(partial, "w", encoding="utf-8") as handle:
-            json.dump({"probe": probe, "settings": settings, "result": result}, handle, indent=1)
-        os.replace(partial, path)  # a crash never leaves a half-written result behind
+        write_json(self.path(model, probe), {"probe": probe, "settings": settings, "result": result}, indent=1)
 
 
 def run_probe(

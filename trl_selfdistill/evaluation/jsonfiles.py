@@ -1,0 +1,24 @@
+"""The benchmark's small JSON files (records, settings, cached results): read if there, written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The file's JSON value, or None if there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_json(path: str, value: dict[str, Any], indent: int = 2) -> None:
+    """Writes `value` to `path` through a temporary file renamed over it: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=indent)
+    os.replace(partial, path)
