@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers.utils import logging
+
+from .files import atomic_file
 
 logger = logging.get_logger(__name__)
 
@@ -104,13 +105,9 @@ class RowCache:
             return  # already there and whole
         except (OSError, ValueError):
             pass
-        payload = json.dumps(metadata, indent=2, default=str, ensure_ascii=False)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as file:
-                file.write(payload)
-            os.chmod(file.name, 0o644)  # readable by whoever shares the cache, as a plain write would be
-            os.replace(file.name, path)
+            with atomic_file(path) as file:
+                json.dump(metadata, file, indent=2, default=str, ensure_ascii=False)
         except OSError as error:  # informational only: a read-only cache is still usable
             logger.warning(f"Could not write {path} ({error.strerror}); the cache works without it.")
 

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .files import atomic_directory, staging_prefix
 from .paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -103,19 +103,13 @@ def bundled_model_path() -> str:
         if _is_complete(target):  # another process finished while we waited
             return str(target)
         # Under the lock, leftovers of a killed conversion or an incomplete directory can be removed.
-        for stale in models_dir.glob(f".{_BUNDLED_DIR_NAME}.tmp-*"):
+        for stale in models_dir.glob(f"{staging_prefix(target)}*"):
             shutil.rmtree(stale, ignore_errors=True)
         if target.exists():
             shutil.rmtree(target)
         logger.info("Converting the bundled model %s from %s into %s", BUNDLED_MODEL_NAME, gguf, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_BUNDLED_DIR_NAME}.tmp-", dir=models_dir))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            _convert(gguf, tmp)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target) as staging:
+            _convert(gguf, staging)
     return str(target)
 
 

@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import SFTTrainer
 
+from ..files import atomic_file
 from ..model_card import MethodModelCard, dynsdpb_settings_section
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
@@ -428,14 +429,9 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         # `Trainer` writes into the final `checkpoint-N` folder and `trainer_state.json` last, so that file marks a
         # complete checkpoint: each process's teacher cache is written, whole, before `Trainer` starts.
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(checkpoint, exist_ok=True)
         path = os.path.join(checkpoint, TEACHER_CACHE_FILE.format(rank=self.accelerator.process_index))
-        temporary = f"{path}.tmp"
-        with open(temporary, "wb") as file:
+        with atomic_file(path, "wb", durable=True) as file:  # a stopped save leaves no cut file under the real name
             torch.save(self.teacher_cache.state_dict(), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)  # atomic: a stopped save leaves no cut file under the real name
         self.accelerator.wait_for_everyone()  # process 0 writes `trainer_state.json` only once every cache is saved
         super()._save_checkpoint(model, trial)
 

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from ..files import atomic_file
+
 
 def read_json(path: str) -> dict[str, Any] | None:
     """The file's JSON value, or None if there is no such file."""
@@ -16,9 +18,6 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 
 def write_json(path: str, value: dict[str, Any], indent: int = 2) -> None:
-    """Writes `value` to `path` through a temporary file renamed over it: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as handle:
+    """Writes `value` to `path` whole or not at all (see `trl_selfdistill.files`)."""
+    with atomic_file(path) as handle:
         json.dump(value, handle, indent=indent)
-    os.replace(partial, path)
