@@ -165,10 +165,16 @@ class RowClaims:
         except FileNotFoundError:  # the claims directory was removed under us: make it again
             self.directory.mkdir(parents=True, exist_ok=True)
             return self._create(path)
+        except OSError as error:
+            raise _unwritable_claim(path, error) from error
         try:
-            os.write(fd, self._payload)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, self._payload)
+            finally:
+                os.close(fd)  # on NFS a failed write may show only here
+        except OSError as error:
+            _unlink(path)  # an empty claim would hold the row from other runs until it goes stale
+            raise _unwritable_claim(path, error) from error
         return True
 
     def _take_over(self, path: Path, content: bytes, identity: tuple[int, float]) -> bool:
@@ -308,6 +314,15 @@ def _process_alive(pid: int, started: int | None) -> bool:
         return False
     # The pid was reused by a newer process.
     return started is None or len(fields) <= 19 or int(fields[19]) == started
+
+
+def _unwritable_claim(path: Path, error: OSError) -> OSError:
+    """A claim that could not be written (a full disk, a quota), with its path and the way out; errno is kept."""
+    return OSError(
+        error.errno,
+        f"Could not write the claim file {path}: {error.strerror}. Rows finished before this are kept in the rewrite "
+        "cache; free some space or point `distill_cache_dir` elsewhere, then rerun to resume.",
+    )
 
 
 def _unlink(path: Path) -> None:

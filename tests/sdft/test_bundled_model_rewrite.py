@@ -11,7 +11,8 @@ from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
 from trl_selfdistill.generation import TransformersEngine
 from trl_selfdistill.sdft.checkers import extract_last_number
 
-REWRITE = dict(template="gsm8k", checker="math", generation_kwargs={"max_new_tokens": 64}, batch_size=2, seed=0)
+SPEC = dict(template="gsm8k", checker="math", generation_kwargs={"max_new_tokens": 64}, seed=0)
+REWRITE = {**SPEC, "batch_size": 2}
 
 
 class KilledAfter(TransformersEngine):
@@ -21,8 +22,8 @@ class KilledAfter(TransformersEngine):
         super().__init__(model, tokenizer, batch_size=2)
         self.batches_left = batches
 
-    def generate(self, prompts, decoding, seeds):
-        for group in super().generate(prompts, decoding, seeds):
+    def generate_blocks(self, blocks, decoding):
+        for group in super().generate_blocks(blocks, decoding):
             if self.batches_left == 0:
                 raise KeyboardInterrupt
             self.batches_left -= 1
@@ -41,7 +42,7 @@ def test_interrupted_rewrite_resumes_without_regenerating(seed_model, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         distill_dataset(
-            model, tokenizer, dataset, cache_dir=cache_root, engine=KilledAfter(model, tokenizer, 1), **REWRITE
+            model, tokenizer, dataset, cache_dir=cache_root, engine=KilledAfter(model, tokenizer, 1), **SPEC
         )
     (cache_dir,) = (cache_root / "rewrites").iterdir()
     before_resume = RowCache(cache_dir).load()

@@ -173,4 +173,5 @@ def test_sharded_training_is_allowed_with_the_server_engine_only(tmp_path):
     with pytest.raises(ValueError, match="distill_engine='server'"):
         SDFTTrainer._validate_sdft_before_loading(SDFTConfig(**common), dataset, None)
     server_args = SDFTConfig(**common, distill_engine="server", distill_server_url="http://127.0.0.1:1")
-    assert SDFTTrainer._validate_sdft_before_loading(server_args, dataset, None).template.name == "general"
+    assert len(SDFTTrainer._validate_sdft_before_loading(server_args, dataset, None)) == 2  # the responses to rewrite
+    assert server_args.distill_spec.template.name == "general"

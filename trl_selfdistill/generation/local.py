@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .base import Completion
+from .base import Completion, Prompt, numbered
 
 logger = logging.get_logger(__name__)
 
@@ -87,19 +87,48 @@ class TransformersEngine:
             "weights": digest.hexdigest()[:20],
         }
 
+    @property
+    def position_limit(self) -> int | None:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        return int(limit) if limit else None
+
+    @property
+    def deal_size(self) -> int:
+        # A fixed batch size makes batches, so their samples, the same under any number of processes if whole
+        # batches are dealt; with "auto" the size depends on each process's memory anyway.
+        return self.batch_size if isinstance(self.batch_size, int) else 1
+
+    def check(self, decoding: Mapping[str, Any]) -> None:
+        """Nothing to probe: `model.generate` refuses what it does not know when it starts."""
+
+    def block_size(self, longest_prompt: int, decoding: Mapping[str, Any], rows: int) -> int:
+        return self.planned_batch_size(longest_prompt, decoding, rows)
+
     def generate(
         self, prompts: list[str], decoding: Mapping[str, Any], seeds: list[int]
     ) -> Iterator[list[Completion]]:
+        return self.generate_blocks([numbered(prompts, seeds)], decoding)
+
+    def generate_blocks(
+        self, blocks: Iterable[list[Prompt]], decoding: Mapping[str, Any]
+    ) -> Iterator[list[Completion]]:
+        for block in blocks:
+            yield from self._generate_block(block, decoding)
+
+    def _generate_block(self, prompts: list[Prompt], decoding: Mapping[str, Any]) -> Iterator[list[Completion]]:
+        """Length-sorted batches of `prompts`; with "auto", the batch size halves on out-of-memory."""
         if not prompts:
             return
-        token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        token_ids = self.tokenizer([prompt.text for prompt in prompts], add_special_tokens=False)["input_ids"]
         order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
         batch_size = self.planned_batch_size(len(token_ids[order[0]]), decoding, len(prompts))
         start = 0
         while start < len(order):
             batch = order[start : start + batch_size]
             try:
-                completions = self._generate_batch([token_ids[i] for i in batch], decoding, seeds[batch[0]])
+                completions = self._generate_batch([token_ids[i] for i in batch], decoding, prompts[batch[0]].seed)
             except torch.OutOfMemoryError:
                 if self.batch_size != "auto" or batch_size == 1:
                     raise
@@ -108,7 +137,7 @@ class TransformersEngine:
                 _release_cached_memory()
                 logger.warning(f"Out of memory while rewriting: retrying with batches of {batch_size} prompts.")
                 continue
-            yield [Completion(index, text, cut) for index, (text, cut) in zip(batch, completions, strict=True)]
+            yield [Completion(prompts[i].index, text, cut) for i, (text, cut) in zip(batch, completions, strict=True)]
             start += len(batch)
 
     def planned_batch_size(self, longest_prompt: int, decoding: Mapping[str, Any], num_prompts: int) -> int:

@@ -1,38 +1,35 @@
 """The server engine: any OpenAI-compatible `/v1/completions` endpoint (vLLM, SGLang, TGI, `transformers serve`).
 
-Prompts are sent as text, one request per prompt, many at a time; the server batches them. Each request has a
-timeout and is retried with exponential backoff on connection errors, HTTP 429/5xx and malformed answers; a client
-error (HTTP 4xx) is not retried. Nothing here needs the model's weights, only its tokenizer.
+Prompts are sent as text, one request per prompt, many at a time; the server batches them. HTTP is `http.py`'s
+`JSONClient`: each attempt has a timeout covering all of it, and a request is retried with exponential backoff on
+connection errors, HTTP 429/5xx and bad answers, but not on a client error (other HTTP 4xx) or a redirect. Here the
+body of an answer is bounded by the size that `max_tokens` allows, and an answer is checked before it is returned, and
+so before it is cached: one choice, a known `finish_reason`, valid text within `max_tokens` tokens, and no
+special-token text, which in a training target would become the real token; one that fails is a `BadAnswer`, retried
+like a failing server. Nothing here needs the model's weights, only its tokenizer.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
+import copy
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit
 
 from transformers import PreTrainedTokenizerBase
-from transformers.utils import logging
 
 from ..validation import check_number
-from .base import Completion, bos_added_on_encoding
-
-logger = logging.get_logger(__name__)
+from .base import Completion, Prompt, bos_added_on_encoding, numbered
+from .http import BadAnswer, JSONClient, ServerError  # ServerError is imported from here too
 
 # `generate` options the engine translates into completion fields: OpenAI's, then vLLM's and SGLang's extensions.
 _OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
 _EXTENSION_FIELDS = {"top_k": "top_k", "min_new_tokens": "min_tokens", "repetition_penalty": "repetition_penalty"}
 _SUPPORTED = {*_OPENAI_FIELDS, *_EXTENSION_FIELDS, "do_sample"}
 _SAMPLING_ONLY = {"temperature", "top_p", "top_k"}
-
-
-class ServerError(RuntimeError):
-    """The server could not be reached, refused a request, or kept answering with errors."""
 
 
 def completion_fields(decoding: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,15 +70,31 @@ def check_server_settings(
     check_number(f"{prefix}backoff", backoff, low=0)
 
 
+# The `finish_reason`s an answer may have, and whether it means cut at `max_tokens`; for a stop string TGI says
+# "stop_sequence" where OpenAI says "stop".
+_FINISH_REASONS = {"stop": False, "stop_sequence": False, "length": True}
+# The body of an answer may have `_bytes_per_token` per token asked for plus this (ids, usage, ...); without
+# `max_tokens` it is bounded as for `_UNBOUNDED_TOKENS`. A model list or an error page has its own bound (`http.py`).
+_BODY_ALLOWANCE = 64 * 1024
+_UNBOUNDED_TOKENS = 32 * 1024
+
+
+def _token_slack(max_tokens: int) -> int:
+    """Tokens an answer may have over `max_tokens`: re-tokenizing decoded text can differ from what was generated (a
+    character split at the cut decodes to U+FFFD, which may take 3 tokens; a leading space may merge or not)."""
+    return 4 + max_tokens // 100
+
+
 class ServerEngine:
     """Rewrites on an OpenAI-compatible completions server.
 
     Args:
         url: the server's base URL, e.g. `http://localhost:8000` (a trailing `/v1` is accepted).
         model: the model id to request; it must be among the server's `/v1/models`.
-        tokenizer: the seed model's tokenizer, used only to avoid a second BOS token (servers add their own).
+        tokenizer: the seed model's tokenizer: answers are checked with it (their length in tokens, no special-token
+            text), and prompts lose a BOS token that the server adds itself.
         concurrency: requests in flight at once.
-        timeout: seconds one request may take.
+        timeout: seconds one attempt at a request may take, all of it (connecting, and reading the whole answer).
         max_retries: retries of one request before giving up.
         backoff: seconds before the first retry, doubled after each.
     """
@@ -105,41 +118,84 @@ class ServerEngine:
         self.max_retries = max_retries
         self.backoff = backoff
         self._bos_added_by_server = bos_added_on_encoding(tokenizer)
+        self._checked_probes: list[dict[str, Any]] = []  # the decodings `check` has passed, as its probe requests
+        # Answers are counted with a copy of our own, one thread at a time: calls on one fast tokenizer from several
+        # threads at once can fail ("Already borrowed").
+        self._tokenizer, self._tokenizer_lock = copy.deepcopy(tokenizer), threading.Lock()
+        # What `_screen` in `sdft/rewrite.py` keeps out of prompts; longest first, so the error names the whole token.
+        added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+        self._specials = sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)
+        # JSON may escape a byte as 6 characters (`\u00XX`); no token is longer than the longest in the vocabulary.
+        self._bytes_per_token = 6 * max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=16)
+        self._client = JSONClient(self.url, concurrency, timeout, max_retries, backoff)
 
     def identity(self) -> dict[str, Any]:
         return {"engine": "server", "model": self.model}
 
     def check(self, decoding: Mapping[str, Any]) -> None:
-        """Before any work: the server answers, serves `self.model`, and accepts the decoding (one 1-token request)."""
+        """Before any work: the server answers, serves `self.model`, and accepts the decoding (one 1-token request).
+
+        Once per decoding: a trainer checks before loading the model, and the rewrite's own check is then free. The
+        model's positions are learnt here where the server lists them (vLLM's `max_model_len`).
+        """
+        probe = {**completion_fields(decoding), "max_tokens": 1}
+        probe.pop("min_tokens", None)
+        if probe in self._checked_probes:
+            return
         retries = min(1, self.max_retries)  # an unreachable server fails in seconds
         try:
-            served = [entry["id"] for entry in self._request("GET", "/v1/models", timeout=30, retries=retries)["data"]]
+            models = self._client.request("GET", "/v1/models", timeout=30, retries=retries)
+            listed = {entry["id"]: entry for entry in models["data"]}
         except (KeyError, TypeError) as error:
             raise ServerError(f"{self.url}/v1/models lists no models as OpenAI-compatible servers do.") from error
+        served = list(listed)
         if self.model not in served:
             raise ServerError(
                 f"The server at {self.url} serves {served}, not the seed model {self.model!r}. Start it with the seed "
                 "model, or, if it is the seed model deployed under another name, set `distill_server_model` to that "
                 "name."
             )
-        probe = {**completion_fields(decoding), "max_tokens": 1}
-        probe.pop("min_tokens", None)
         self._complete("Hello", probe, retries=retries)
+        positions = listed[self.model].get("max_model_len")
+        if type(positions) is int and positions > 0:
+            self.position_limit = positions
+        self._checked_probes.append(probe)
+
+    deal_size = 1  # the server batches what it gets; no batch of ours to keep whole
+    position_limit: int | None = None  # learnt from the server by `check`, where it says
+
+    def block_size(self, longest_prompt: int, decoding: Mapping[str, Any], rows: int) -> int:
+        return self.concurrency
 
     def generate(
         self, prompts: list[str], decoding: Mapping[str, Any], seeds: list[int]
     ) -> Iterator[list[Completion]]:
+        return self.generate_blocks([numbered(prompts, seeds)], decoding)
+
+    def generate_blocks(
+        self, blocks: Iterable[list[Prompt]], decoding: Mapping[str, Any]
+    ) -> Iterator[list[Completion]]:
+        """Keeps `concurrency` requests in flight across blocks: the next block is taken as soon as a slot is free
+        and nothing is queued, so the server never waits for the slowest row of a block."""
         fields = completion_fields(decoding)
         sampling = bool(decoding.get("do_sample", False))
+        blocks = iter(blocks)
+        queued: deque[Prompt] = deque()
         pending: dict[Future, int] = {}
-        next_prompt, error = 0, None
+        error = None
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sdft-rewrite")
         try:
-            while pending or (error is None and next_prompt < len(prompts)):
-                while error is None and next_prompt < len(prompts) and len(pending) < self.concurrency:
-                    request = {**fields, **({"seed": seeds[next_prompt]} if sampling else {})}
-                    pending[pool.submit(self._complete, prompts[next_prompt], request)] = next_prompt
-                    next_prompt += 1
+            while True:
+                while error is None and len(pending) < self.concurrency:
+                    if not queued:
+                        queued.extend(next(blocks, ()))
+                        if not queued:
+                            break
+                    prompt = queued.popleft()
+                    request = {**fields, **({"seed": prompt.seed} if sampling else {})}
+                    pending[pool.submit(self._complete, prompt.text, request)] = prompt.index
+                if not pending:
+                    break
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 finished = []
                 for future in done:
@@ -156,44 +212,53 @@ class ServerEngine:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _complete(self, prompt: str, fields: dict[str, Any], retries: int | None = None) -> tuple[str, bool]:
-        """The completion's text, and whether it stopped at `max_tokens` (OpenAI's `finish_reason` "length")."""
+        """The completion's text, and whether it stopped at `max_tokens` (OpenAI's `finish_reason` "length"); the
+        answer has passed `_checked`."""
         if self._bos_added_by_server:
             prompt = prompt.removeprefix(self._bos_added_by_server)
         body = {"model": self.model, "prompt": prompt, **fields}
-        answer = self._request("POST", "/v1/completions", body, retries=retries)
-        try:
-            choice = answer["choices"][0]
-            return choice["text"].strip(), choice.get("finish_reason") == "length"
-        except (KeyError, IndexError, TypeError, AttributeError) as error:
-            message = f"{self.url}/v1/completions answered without choices[0].text: {answer!r:.300}"
-            raise ServerError(message) from error
+        max_tokens = fields.get("max_tokens")
+        limit = _BODY_ALLOWANCE + self._bytes_per_token * (max_tokens or _UNBOUNDED_TOKENS)
+        text, truncated = self._client.request(
+            "POST", "/v1/completions", body, retries=retries, limit=limit,
+            parse=lambda answer: self._checked(answer, max_tokens),
+        )  # fmt: skip
+        return text.strip(), truncated
 
-    def _request(self, method: str, path: str, body: dict | None = None, timeout=None, retries=None) -> Any:
-        """One JSON request, retried with backoff on what may pass (connection errors, 429, 5xx, bad JSON)."""
-        retries = self.max_retries if retries is None else retries
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        for attempt in range(retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as error:
-                detail = error.read().decode(errors="replace")[:500]
-                if error.code != 429 and error.code < 500:
-                    message = f"The server at {self.url} refused {method} {path} (HTTP {error.code}): {detail}"
-                    raise ServerError(message) from None
-                problem = f"HTTP {error.code}: {detail}"
-            except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
-                problem = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-            except json.JSONDecodeError as error:
-                problem = f"malformed JSON ({error})"
-            if attempt < retries:
-                delay = self.backoff * 2**attempt
-                logger.warning(f"{method} {self.url}{path} failed ({problem}); retry {attempt + 1} in {delay:g} s")
-                time.sleep(delay)
-        raise ServerError(
-            f"The rewrite server at {self.url} failed {retries + 1} time(s) on {method} {path}; last error: "
-            f"{problem}. Check the server: finished rewrites are cached, and a rerun resumes where this one stopped."
-        )
+    def _checked(self, answer: Any, max_tokens: int | None) -> tuple[str, bool]:
+        """The text of a completion answer and whether it was cut; `BadAnswer` if the answer is not one to keep."""
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or len(choices) != 1:
+            found = f"{len(choices)} choices" if isinstance(choices, list) else "no `choices` list"
+            raise BadAnswer(f"has {found}, not the one asked for")
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise BadAnswer(f"has a choice that is not an object: {choice!r:.100}")
+        index = choice.get("index")
+        if type(index) is not int or index != 0:
+            raise BadAnswer(f"has a choice with index {index!r:.100}, not 0")
+        reason = choice.get("finish_reason")
+        if not isinstance(reason, str) or reason not in _FINISH_REASONS:
+            raise BadAnswer(f"has finish_reason {reason!r:.100}, not 'stop' or 'length'")
+        text = choice.get("text")
+        if not isinstance(text, str):
+            raise BadAnswer(f"has a text of type {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise BadAnswer(f"has a text that is not valid Unicode (a lone surrogate at {error.start})") from None
+        special = next((token for token in self._specials if token in text), None)
+        if special is not None:
+            raise BadAnswer(
+                f"has the special-token text {special!r} in its text, which in a training target would become that "
+                "token"
+            )
+        if max_tokens is not None:
+            with self._tokenizer_lock:
+                count = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            if count > max_tokens + _token_slack(max_tokens):
+                raise BadAnswer(
+                    f"has {count} tokens of text, more than the max_tokens={max_tokens} asked for (re-tokenizing may "
+                    f"add up to {_token_slack(max_tokens)})"
+                )
+        return text, _FINISH_REASONS[reason]

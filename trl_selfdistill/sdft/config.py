@@ -177,7 +177,9 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
                 self.distill_server_max_retries,
                 prefix="distill_server_",
             )
-        DistillSpec.from_config(self)  # a bad template, checker or decoding fails here, before anything is loaded
+        # Resolved once, here: a bad template, checker or decoding fails before anything is loaded, and the trainer
+        # reads this value instead of building it again. Build a new config to change it.
+        self.distill_spec = DistillSpec.from_config(self)
 
     @property
     def server_options(self) -> dict[str, Any]:

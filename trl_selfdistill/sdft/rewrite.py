@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .. import claims as claim_files
 from ..cache import RowCache, fingerprint
-from ..generation import GenerationEngine, ServerEngine, TransformersEngine
+from ..generation import Prompt, RewriteEngine, ServerEngine, TransformersEngine
 from ..models import resolve_model_name
 from ..paths import default_cache_dir
 from .checkers import rejection_reason
@@ -58,23 +58,33 @@ def model_name(model: PreTrainedModel | str) -> str:
 
 
 def build_engine(
-    engine: str | GenerationEngine,
+    engine: str | RewriteEngine,
     model: PreTrainedModel | str | None,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    batch_size: int | str = "auto",
+    batch_size: int | str | None = None,
     compile: bool = False,
     server_url: str | None = None,
     server_model: str | None = None,
     server_options: Mapping[str, Any] | None = None,
-) -> GenerationEngine:
+) -> RewriteEngine:
     """An engine by name (`"transformers"` or `"server"`), or `engine` itself if it is one already.
 
-    `batch_size` and `compile` are [`TransformersEngine`] settings. `server_model` overrides the model id expected on
-    the server (a deployment under another name); `server_options` are [`ServerEngine`] settings (`concurrency`,
-    `timeout`, `max_retries`, `backoff`). With the in-process engine, a model name is loaded here.
+    `batch_size` (default `"auto"`) and `compile` are [`TransformersEngine`] settings. `server_model` overrides the
+    model id expected on the server (a deployment under another name); `server_options` are [`ServerEngine`] settings
+    (`concurrency`, `timeout`, `max_retries`, `backoff`). With the in-process engine, a model name is loaded here.
     """
     if not isinstance(engine, str):
+        if batch_size is not None:
+            raise ValueError(
+                "`batch_size` sets the in-process engine built from a name; the engine passed in has its own. Give "
+                "the batch size to the engine (`TransformersEngine(model, tokenizer, batch_size=...)`) instead."
+            )
+        if not isinstance(engine, RewriteEngine):
+            raise TypeError(
+                f"{type(engine).__name__} is not a `RewriteEngine`: the rewrite needs `generate_blocks`, "
+                "`block_size`, `check`, `deal_size` and `position_limit` (see `trl_selfdistill.generation.base`)."
+            )
         return engine
     if engine == "server":
         if not server_url:
@@ -85,11 +95,11 @@ def build_engine(
     if engine == "transformers":
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model), dtype="auto")
-        return TransformersEngine(model, tokenizer, batch_size, compile=compile)
+        return TransformersEngine(model, tokenizer, batch_size or "auto", compile=compile)
     raise ValueError(f"Unknown `distill_engine` {engine!r}: use one of {list(ENGINES)}.")
 
 
-def engine_from_config(args: SDFTConfig, model: PreTrainedModel | str, tokenizer) -> GenerationEngine:
+def engine_from_config(args: SDFTConfig, model: PreTrainedModel | str, tokenizer) -> RewriteEngine:
     """The engine an [`SDFTConfig`] asks for: in process with `model`, or on the server."""
     if args.distill_engine == "server":
         return build_engine(
@@ -107,8 +117,8 @@ def distill_dataset(
     dataset: Dataset,
     spec: DistillSpec | None = None,
     *,
-    engine: str | GenerationEngine = "transformers",
-    batch_size: int | str = "auto",
+    engine: str | RewriteEngine = "transformers",
+    batch_size: int | str | None = None,
     server_url: str | None = None,
     server_model: str | None = None,
     seed: int = 42,
@@ -126,8 +136,9 @@ def distill_dataset(
         spec: the prompt, checker and decoding ([`DistillSpec`]); or give `template`, `template_mode`, `checker`,
             `generation_kwargs`, `keep_truncated` as keyword arguments (see [`SDFTConfig`]).
         engine: `"transformers"` (in process), `"server"` (an OpenAI-compatible server at `server_url`, serving the
-            model named `server_model`, by default the seed model's name), or a [`GenerationEngine`].
-        batch_size: prompts per `generate` call of the in-process engine, or `"auto"`.
+            model named `server_model`, by default the seed model's name), or a [`RewriteEngine`].
+        batch_size: prompts per `generate` call of the in-process engine built here, or `"auto"` (the default);
+            refused with an engine passed in, which has its own.
         seed: base seed; the `i`-th response sent to the model has seed `seed + i` (in process, a batch is sampled
             with its first row's seed).
         cache_dir: root of the rewrite cache (defaults to `~/.cache/trl_selfdistill/rewrites`).
@@ -147,11 +158,28 @@ def distill_dataset(
     engine = build_engine(
         engine, model, tokenizer, batch_size=batch_size, server_url=server_url, server_model=server_model
     )
-    if isinstance(engine, ServerEngine):
-        engine.check(spec.decoding)
+    return distill_with_engine(
+        engine, tokenizer, dataset, targets, spec, seed=seed, cache_dir=cache_dir, show_progress=show_progress
+    )
+
+
+def distill_with_engine(
+    engine: RewriteEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    targets: list[RewriteTarget],
+    spec: DistillSpec,
+    *,
+    seed: int,
+    cache_dir: str | os.PathLike | None,
+    show_progress: bool,
+) -> DistillationResult:
+    """[`distill_dataset`] once everything is resolved: the engine built, the dataset's responses collected
+    (`collect_targets`), the spec checked. The trainers call this with what they resolved before loading."""
+    engine.check(spec.decoding)  # once per engine and decoding: a server checked before loading is not asked again
     decoding = dict(spec.decoding)
     state = PartialState()
-    position_limit = _position_limit(engine, tokenizer)
+    position_limit = engine.position_limit or _tokenizer_limit(tokenizer)
     targets, prompts, lengths = _screen(targets, spec, tokenizer, decoding, position_limit)
     kept = [target for target in targets if target.skip is None]
     if state.is_main_process:
@@ -284,13 +312,8 @@ def _holds_any(needles: list[str], *texts: str) -> bool:
     return any(needle in text for text in texts for needle in needles)
 
 
-def _position_limit(engine: GenerationEngine, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """How many positions the seed model has: from its config in process, else from the tokenizer if it says."""
-    config = getattr(getattr(engine, "model", None), "config", None)
-    if config is not None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text_config, "max_position_embeddings", None):
-            return int(text_config.max_position_embeddings)
+def _tokenizer_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The positions the tokenizer says the model has, for engines that do not know (a server that does not say)."""
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if limit and limit < 10**8 else None  # transformers writes a huge number for "unknown"
 
@@ -328,7 +351,7 @@ def _generate_missing(
     lengths: list[int],
     targets: list[RewriteTarget],
     cache: RowCache,
-    engine: GenerationEngine,
+    engine: RewriteEngine,
     decoding: dict[str, Any],
     seed: int,
     show_progress: bool,
@@ -338,87 +361,112 @@ def _generate_missing(
     "New" counts only rows generated here: rows another run sharing the cache generated meanwhile come from the cache.
     """
     state = PartialState()
-    # Longest first, dealt round-robin in whole batches: every process gets a similar mix of lengths, and with a fixed
-    # batch size the batches (so the samples) are those one process would make.
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    deal = engine.batch_size if isinstance(getattr(engine, "batch_size", None), int) else 1
-    chunks = [order[start : start + deal] for start in range(0, len(order), deal)]
-    mine = [i for chunk in chunks[state.process_index :: state.num_processes] for i in chunk]
-    keys = {i: _unit_key(targets[i]) for i in mine}
-    keys_of_mine = set(keys.values())
-    cache.load()
-    done = {key for key in keys.values() if key in cache.rows}  # rows of this share on disk, counted by the bar
-
-    # Other runs may share the cache (jobs on one filesystem): work goes block by block, one block being one batch of
-    # the engine. Before each, the cache is read again (only what was appended) and the block's missing rows are
-    # claimed, so no row is generated twice; a block goes whole to the run that claims its first row, so its batch
-    # (its samples) is the one a single run makes.
-    planned = getattr(engine, "planned_batch_size", None)
-    if callable(planned) and mine:
-        block_size = planned(max(lengths[i] for i in mine), decoding, len(mine))
-    else:
-        block_size = getattr(engine, "concurrency", None) or (deal if deal > 1 else claim_files.DEFAULT_CLAIM_BLOCK)
+    mine = _share_of_this_process(lengths, engine.deal_size)
+    block_size = engine.block_size(max(lengths[i] for i in mine), decoding, len(mine)) if mine else 1
     blocks = [mine[start : start + block_size] for start in range(0, len(mine), block_size)]
-    claims = claim_files.RowClaims(cache.directory / "claims", token=cache.run)  # writes nothing until it claims
-    generated = 0
+    keys = {i: _unit_key(targets[i]) for i in mine}
+    cache.load()
     progress = tqdm(
         total=len(mine),
-        initial=len(done),
+        initial=sum(key in cache.rows for key in keys.values()),
         desc="SDFT rewrite",
         unit="response",
         disable=not show_progress or not state.is_local_main_process,
     )
-
-    def count_done(new_keys) -> None:
-        new = {key for key in new_keys if key in keys_of_mine} - done
-        done.update(new)
-        progress.update(len(new))
-
-    def work_on(rows: list[int]) -> tuple[list[int], dict | None]:
-        """Generates the rows no one has done or claimed; returns those another run holds, and that run."""
-        nonlocal generated
-        count_done(cache.refresh())
-        todo = [i for i in rows if keys[i] not in cache.rows]
-        if not todo:
-            return [], None
-        claimed, holder = claims.claim([keys[i] for i in todo])
-        if claimed:
-            count_done(cache.refresh())  # finished and released by another run between the read and the claim
-            claims.release([key for key in claimed if key in cache.rows])
-        ours = [i for i in todo[: len(claimed)] if keys[i] not in cache.rows]
-        # Each group of finished rows (a batch in process, whatever completed on a server) is on disk before the next,
-        # and its claims are released only then: at any moment a row is on disk or claimed.
-        for group in engine.generate([prompts[i] for i in ours], decoding, [seed + i for i in ours]):
-            records = [{"key": keys[ours[c.index]], "rewrite": c.text, "truncated": c.truncated} for c in group]
-            cache.append(records)
-            claims.release([record["key"] for record in records])
-            generated += len(records)
-            count_done(record["key"] for record in records)
-        return todo[len(claimed) :], holder
-
+    share = _ShareRewriter(prompts, keys, cache, engine, decoding, seed, progress)
     try:
-        waiting = [(rest, holder) for rest, holder in map(work_on, blocks) if rest]
-        # Then the rows other runs were generating: on disk once they finish, or taken over if their run dies.
-        announced = None
-        while waiting:
-            owners = sorted({claim_files.describe_owner(holder) for _, holder in waiting})
-            count = sum(len(rest) for rest, _ in waiting)
-            progress.set_postfix_str(f"waiting for {count} row(s) generated by {', '.join(owners)}", refresh=True)
-            if owners != announced:
-                logger.warning(
-                    f"Waiting for {count} row(s) of this run's share that another run on the same cache is generating"
-                    f" ({', '.join(owners)}); they are taken over if it dies."
-                )
-                announced = owners
-            time.sleep(claim_files.WAIT_POLL_SECONDS)
-            waiting = [(rest, holder) for rest, holder in (work_on(rows) for rows, _ in waiting) if rest]
+        _wait_for_other_runs(share, share.generate(blocks), progress)
     finally:
-        claims.close()  # gives up what an error left unfinished, so another run need not wait for it
+        share.claims.close()  # gives up what an error left unfinished, so another run need not wait for it
         progress.close()
+    return _gather_share(cache, keys.values(), share.generated)
 
-    local = {key: cache.rows[key] for key in keys.values()}
+
+def _share_of_this_process(lengths: list[int], deal_size: int) -> list[int]:
+    """This process's rows: longest first, dealt round-robin `deal_size` at a time.
+
+    Every process gets a similar mix of lengths, and with a fixed batch size the batches (so the samples) are those
+    one process would make.
+    """
+    state = PartialState()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    deals = [order[start : start + deal_size] for start in range(0, len(order), deal_size)]
+    return [i for deal in deals[state.process_index :: state.num_processes] for i in deal]
+
+
+class _ShareRewriter:
+    """Generates a share's missing rows into the cache, each block claimed just before the engine takes it.
+
+    Other runs may share the cache (jobs on one filesystem). Before each block is handed over, the cache is read again
+    (only what was appended) and the block's missing rows are claimed, so no row is generated twice; a block goes
+    whole to the run that claims its first row, so its batch (its samples) is the one a single run makes. Each group
+    of finished rows is on disk before the next, and its claims are released only then: at any moment a row is on
+    disk or claimed.
+    """
+
+    def __init__(self, prompts, keys, cache, engine, decoding, seed, progress):
+        self.prompts, self.keys, self.cache = prompts, keys, cache
+        self.engine, self.decoding, self.seed, self.progress = engine, decoding, seed, progress
+        self.claims = claim_files.RowClaims(cache.directory / "claims", token=cache.run)  # writes nothing until used
+        self.generated = 0
+        self._mine = set(keys.values())
+        self._done = {key for key in self._mine if key in cache.rows}
+
+    def generate(self, blocks: list[list[int]]) -> list[tuple[list[int], dict | None]]:
+        """Generates the blocks' rows no one has done or claimed; returns the rows other runs hold, with their run."""
+        held_elsewhere = []
+        for group in self.engine.generate_blocks(self._claimed(blocks, held_elsewhere), self.decoding):
+            records = [{"key": self.keys[c.index], "rewrite": c.text, "truncated": c.truncated} for c in group]
+            self.cache.append(records)
+            self.claims.release([record["key"] for record in records])
+            self.generated += len(records)
+            self._count_done(record["key"] for record in records)
+        return held_elsewhere
+
+    def _claimed(self, blocks: list[list[int]], held_elsewhere: list) -> Iterator[list[Prompt]]:
+        """The blocks' rows this run claims, block by block as the engine asks; the others go to `held_elsewhere`."""
+        for rows in blocks:
+            self._count_done(self.cache.refresh())
+            todo = [i for i in rows if self.keys[i] not in self.cache.rows]
+            if not todo:
+                continue
+            claimed, holder = self.claims.claim([self.keys[i] for i in todo])
+            if claimed:
+                self._count_done(self.cache.refresh())  # finished and released by another run meanwhile
+                self.claims.release([key for key in claimed if key in self.cache.rows])
+            if len(claimed) < len(todo):
+                held_elsewhere.append((todo[len(claimed) :], holder))
+            ours = [i for i in todo[: len(claimed)] if self.keys[i] not in self.cache.rows]
+            if ours:
+                yield [Prompt(i, self.prompts[i], self.seed + i) for i in ours]
+
+    def _count_done(self, new_keys: Iterable[str]) -> None:
+        new = {key for key in new_keys if key in self._mine} - self._done
+        self._done.update(new)
+        self.progress.update(len(new))
+
+
+def _wait_for_other_runs(share: _ShareRewriter, waiting: list[tuple[list[int], dict | None]], progress) -> None:
+    """The rows other runs were generating: on disk once they finish, or taken over if their run dies."""
+    announced = None
+    while waiting:
+        owners = sorted({claim_files.describe_owner(holder) for _, holder in waiting})
+        count = sum(len(rows) for rows, _ in waiting)
+        progress.set_postfix_str(f"waiting for {count} row(s) generated by {', '.join(owners)}", refresh=True)
+        if owners != announced:
+            logger.warning(
+                f"Waiting for {count} row(s) of this run's share that another run on the same cache is generating"
+                f" ({', '.join(owners)}); they are taken over if it dies."
+            )
+            announced = owners
+        time.sleep(claim_files.WAIT_POLL_SECONDS)
+        waiting = share.generate([rows for rows, _ in waiting])
+
+
+def _gather_share(cache: RowCache, keys: Iterable[str], generated: int) -> tuple[dict[str, dict], int]:
+    """Every process's rows and the rows generated by all, on every process."""
+    local = {key: cache.rows[key] for key in keys}
     rewrites = {}
     for part in gather_object([local]):
         rewrites.update(part)
-    generated = sum(gather_object([generated]))
-    return rewrites, generated
+    return rewrites, sum(gather_object([generated]))

@@ -21,9 +21,8 @@ from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
 from .config import SDFTConfig
 from .outputs import REPORT_FILE, ROWS_FILE, rows_cut_by_max_length, save_distillation, warn_cut
-from .rewrite import distill_dataset, engine_from_config
-from .spec import DistillSpec
-from .targets import collect_targets
+from .rewrite import distill_with_engine, engine_from_config
+from .targets import RewriteTarget, collect_targets
 from .templates import check_renderable
 
 logger = logging.get_logger(__name__)
@@ -82,7 +81,8 @@ class SDFTTrainer(MethodModelCard, SFTTrainer):
             args = SDFTConfig(default_output_dir(model, "SDFT"))
         elif not isinstance(args, SDFTConfig):
             raise TypeError(f"`args` must be an `SDFTConfig`, got {type(args).__name__}.")
-        self._distill_spec = self._validate_sdft_before_loading(args, train_dataset, formatting_func)
+        self._distill_targets = self._validate_sdft_before_loading(args, train_dataset, formatting_func)
+        self._server_engine = None  # built and checked once, before any loading, when the tokenizer is at hand
         if isinstance(model, str):
             model = resolve_model_name(model)
             if processing_class is None:  # loaded here, before the weights, to check the chat template early
@@ -95,7 +95,8 @@ class SDFTTrainer(MethodModelCard, SFTTrainer):
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             check_renderable(tokenizer, args.distill_template_mode)
             if args.distill_engine == "server":  # the server answers and serves the seed model, before any loading
-                engine_from_config(args, model, tokenizer).check(self._distill_spec.decoding)
+                self._server_engine = engine_from_config(args, model, tokenizer)
+                self._server_engine.check(args.distill_spec.decoding)
 
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
@@ -127,14 +128,14 @@ class SDFTTrainer(MethodModelCard, SFTTrainer):
         model = self.accelerator.unwrap_model(self.model)
         in_process = args.distill_engine == "transformers"
         seed_model = unquantized_seed_model(model) if in_process and args.distill_unquantized_seed else None
-        engine = engine_from_config(args, seed_model or model, self._tokenizer)
+        engine = self._server_engine or engine_from_config(args, seed_model or model, self._tokenizer)
         try:
-            return distill_dataset(
-                model,
+            return distill_with_engine(
+                engine,
                 self._tokenizer,
                 train_dataset,
-                self._distill_spec,
-                engine=engine,
+                self._distill_targets,
+                args.distill_spec,
                 seed=args.seed,
                 cache_dir=args.distill_cache_dir,
                 show_progress=not args.disable_tqdm,
@@ -145,8 +146,9 @@ class SDFTTrainer(MethodModelCard, SFTTrainer):
                 release_unquantized(seed_model)
 
     @staticmethod
-    def _validate_sdft_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> DistillSpec:
-        """Every check that can fail, done before the model is loaded and before any generation; returns the spec."""
+    def _validate_sdft_before_loading(args: SDFTConfig, train_dataset, formatting_func) -> list[RewriteTarget]:
+        """Every check that can fail, done before the model is loaded and before any generation; returns the
+        responses to rewrite (the dataset's only walk)."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: SDFT rewrites it before training.")
         if formatting_func is not None:
@@ -168,11 +170,9 @@ class SDFTTrainer(MethodModelCard, SFTTrainer):
                 "the distilled dataset with your sharded setup."
             )
         check_liger_kernel(args)
-        spec = DistillSpec.from_config(args)
         if args.distill_engine == "server":
-            completion_fields(spec.decoding)
-        collect_targets(train_dataset)
-        return spec
+            completion_fields(args.distill_spec.decoding)
+        return collect_targets(train_dataset)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # `SFTTrainer.__init__` tokenizes the training set before the model is ready to rewrite it: keep it raw until
