@@ -28,7 +28,6 @@ from trl_selfdistill.data import load_task_dataset
 from trl_selfdistill.models import resolve_model_name
 from trl_selfdistill.sdft.outputs import save_distillation
 from trl_selfdistill.sdft.rewrite import engine_from_config
-from trl_selfdistill.sdft.spec import DistillSpec
 
 
 def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelConfig) -> None:
@@ -47,7 +46,7 @@ def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelCo
             quantization_config=get_quantization_config(model_args), device_map="auto",
         )  # fmt: skip
     result = distill_dataset(
-        model, tokenizer, dataset, DistillSpec.from_config(args), engine=engine_from_config(args, model, tokenizer),
+        model, tokenizer, dataset, args.distill_spec, engine=engine_from_config(args, model, tokenizer),
         seed=args.seed, cache_dir=args.distill_cache_dir, show_progress=not args.disable_tqdm,
     )  # fmt: skip
     save_distillation(args.output_dir, result.dataset, result.report, result.rows)

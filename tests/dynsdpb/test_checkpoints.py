@@ -149,7 +149,7 @@ def test_a_checkpoint_without_its_teacher_cache_is_refused_and_the_previous_one_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2", "checkpoint-4"]  # kept as is
 
     resumed = make_trainer(tmp_path)
-    resumed.train(resume_from_checkpoint=previous)
+    resumed.train(resume_from_checkpoint=Path(previous))  # `Trainer` takes a path object too
     assert_same_losses(resumed, uninterrupted, 2)
 
 

@@ -157,7 +157,7 @@ def test_the_teacher_cache_is_restored_on_the_output_layer_device_in_the_configu
         train_dataset=addition_rows(),
         peft_config=lora(),
     )
-    resumed._load_from_checkpoint(str(checkpoint))
+    resumed._restore_teacher_cache(*resumed._read_teacher_cache(str(checkpoint)))  # what a resumed first step does
     device = resumed.model.get_base_model().get_output_embeddings().weight.device
     assert resumed.teacher_cache.step == 1 and resumed.teacher_cache.current  # written by the 2nd step's forwards
     for entry in resumed.teacher_cache.current.values():

@@ -28,17 +28,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..files import atomic_file
 from ..model_card import MethodModelCard, dynsdpb_settings_section
 from ..models import resolve_model_name
-from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
+from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir
 from .config import DynSDPBConfig
-from .head import DistillationInputs, DistillationOutput, add_distillation_head, output_layer
-from .losses import default_chunk_size, project_in_chunks
+from .head import DistillationInputs, DistillationOutput, add_distillation_head, output_layer, output_layer_sizes
 from .sampler import OverlappingBatchSampler, check_dataset_size
 from .schedule import DISTILL_MODES, SampleStatistics, sample_statistics
 from .teacher_cache import TeacherCache
@@ -128,6 +127,7 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         # A frozen output layer turns the same hidden states into the same logits one step later: cache the former.
         self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype), not output_layer_is_trained)
         self._step_sums: tuple[int, dict[str, list[float]]] = (-1, {})  # step, name -> [sum, weight] (metrics)
+        self._teacher_cache_to_restore: tuple[str, dict] | None = None  # (file, state), read by `train` on resume
         # An overridden weighting rule is tried now, on two made-up samples, rather than at the second step.
         self._checked_weights(SampleStatistics(torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.1])))
 
@@ -144,11 +144,11 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
                 "DynSDPB aligns each sample with its own previous-step predictions, so samples must stay separate "
                 "rows: set `packing=False` and `padding_free=False`."
             )
-        if shards_parameters(args):
+        if args.fsdp and (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version") == 1:
+            # FSDP2 and ZeRO-3 are tested: both hold the whole output layer inside the forward, where DynSDPB uses it.
             raise ValueError(
-                "DynSDPB projects hidden states through the output layer itself, which DeepSpeed ZeRO-3 and FSDP "
-                "shard. Use plain data parallelism (`accelerate launch --multi_gpu`), with LoRA or QLoRA for large "
-                "models."
+                "DynSDPB is tested with FSDP2, not with FSDP1 (deprecated by transformers; it runs on GPUs only, so "
+                "the CPU tests cannot cover it). Use FSDP2: `fsdp_config={'version': 2}` (the default)."
             )
         if args.loss_type != "nll" or args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None:
             raise ValueError(
@@ -258,6 +258,9 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # plain SFT; no cache
         if return_outputs:
             raise ValueError("DynSDPBTrainer does not return outputs during training.")
+        if self._teacher_cache_to_restore is not None:  # the first step of a resumed run
+            self._restore_teacher_cache(*self._teacher_cache_to_restore)
+            self._teacher_cache_to_restore = None
         self.teacher_cache.advance_to(self.state.global_step)
         rows = _Rows(indices.tolist(), reused.tolist(), (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist())
         distillation, weights = self._distillation_inputs(rows)
@@ -286,8 +289,9 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
                     "one step ago: its tokenization must be deterministic (no random truncation or augmentation)."
                 )
             teachers[row] = teacher
-        head = output_layer(self.model)
-        device, width = head.weight.device, head.weight.shape[1 if self.teacher_cache.holds_hidden_states else 0]
+        device = output_layer(self.model).weight.device
+        vocab_size, hidden_size = output_layer_sizes(self.model)
+        width = hidden_size if self.teacher_cache.holds_hidden_states else vocab_size
         statistics = torch.stack([t.statistics for t in teachers.values()]) if teachers else torch.zeros(0, 2)
         statistics = statistics.to(device)
         alphas, temperatures = self._checked_weights(SampleStatistics(statistics[:, 0], statistics[:, 1]))
@@ -301,6 +305,7 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
             temperature=temperatures.float().repeat_interleave(token_counts),
             returned_rows=~torch.tensor(rows.reused, dtype=torch.bool, device=device),
             chunk_size=self.args.loss_chunk_size,
+            returned_logits_dtype=None if self.teacher_cache.holds_hidden_states else self.teacher_cache.dtype,
         )
         return inputs, torch.stack([statistics[:, 0], statistics[:, 1], alphas.float(), temperatures.float()], 1)
 
@@ -310,17 +315,14 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         new = [row for row, is_reused in enumerate(rows.reused) if not is_reused]
         if not new:
             return
-        head = output_layer(self.model)
         counts = [rows.counts[row] for row in new]
         is_new = torch.repeat_interleave(
             ~torch.tensor(rows.reused, device=outputs.entropy.device),
             torch.tensor(rows.counts, device=outputs.entropy.device),
         )
-        stats = sample_statistics(outputs.entropy[is_new], outputs.log_probs[is_new], counts, head.weight.shape[0])
-        states = outputs.returned_hidden
-        if not self.teacher_cache.holds_hidden_states:
-            chunk_size = self.args.loss_chunk_size or default_chunk_size(head.weight.shape[0])
-            states = project_in_chunks(states, head.weight, head.bias, chunk_size, self.teacher_cache.dtype)
+        vocab_size = output_layer_sizes(self.model)[0]
+        stats = sample_statistics(outputs.entropy[is_new], outputs.log_probs[is_new], counts, vocab_size)
+        states = outputs.returned_hidden if self.teacher_cache.holds_hidden_states else outputs.returned_logits
         statistics = torch.stack([stats.uncertainty, stats.discrimination], dim=1)
         for row, row_states, row_statistics in zip(new, states.split(counts), statistics, strict=True):
             self.teacher_cache.put(rows.indices[row], row_states, row_statistics)
@@ -435,12 +437,20 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         self.accelerator.wait_for_everyone()  # process 0 writes `trainer_state.json` only once every cache is saved
         super()._save_checkpoint(model, trial)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not os.path.isdir(resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # Trainer's own "no checkpoint" error
-        # Checked before anything is loaded: a broken checkpoint stops the run instead of silently changing its losses.
-        path, state = self._read_teacher_cache(resume_from_checkpoint)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        # Every resume passes here, whichever loader then restores the weights: `Trainer._load_from_checkpoint`, or
+        # DeepSpeed's own (ZeRO-1/2/3), which never calls it. So the teacher cache is checked here, before anything is
+        # loaded (a broken checkpoint stops the run instead of silently changing its losses), and restored at the
+        # first training step, once the model is on its device.
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True and os.path.isdir(self.args.output_dir):
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # as `Trainer.train` resolves it
+        self._teacher_cache_to_restore = None
+        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):  # else `Trainer`'s own error
+            self._teacher_cache_to_restore = self._read_teacher_cache(os.fspath(checkpoint))
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _restore_teacher_cache(self, path: str, state: dict) -> None:
         self.teacher_cache.load_state_dict(state, output_layer(self.model).weight.device, source=path)
 
     def _read_teacher_cache(self, checkpoint: str) -> tuple[str, dict]:
