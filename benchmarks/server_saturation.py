@@ -48,9 +48,9 @@ SERVED_NAME = "seed"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs every arm once")
     parser.add_argument(
         "--vllm_python", default=os.environ.get("TRL_SELFDISTILL_VLLM_PYTHON", ".venv-vllm/bin/python")
@@ -106,7 +106,9 @@ def main() -> None:
 
     server = None
     if cli.server_url is None:
-        arguments = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+        # No prefix caching: each arm sends the same prompts, and a cache warmed by the arms before would favour those
+        # after (real rewrite prompts are all different).
+        arguments = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching"]
         server = VLLMServer(model_dir, python=cli.vllm_python, served_model_name=SERVED_NAME, arguments=arguments,
                             env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1"},
                             log_path=Path(tempfile.mkdtemp()) / "vllm.log")  # fmt: skip
@@ -135,7 +137,8 @@ def main() -> None:
                 started = time.perf_counter()
                 texts = arms[name]()
                 seconds = time.perf_counter() - started
-                tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+                lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                tokens = sum(lengths)
                 rates[name].append(tokens / seconds)
                 print(f"[{time.strftime('%H:%M:%S')}] round {round_index + 1} {name}: {tokens} tokens in "
                       f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s", flush=True)  # fmt: skip
@@ -143,6 +146,8 @@ def main() -> None:
         if server is not None:
             server.stop()
 
+    quartiles = statistics.quantiles(lengths, n=4)
+    print(f"\nnew tokens per row: min {min(lengths)}, quartiles {quartiles}, max {max(lengths)}")
     median = {name: statistics.median(values) for name, values in rates.items()}
     summary = {
         "distill_dataset_vs_blocks": median["distill_dataset"] / median["blocks"],
@@ -158,8 +163,9 @@ def main() -> None:
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "server": "vLLM (vllm-cpu 0.32, --enforce-eager, float32)" if server else url,
+        "server": "vLLM (vllm-cpu 0.32, --enforce-eager, float32, no prefix caching)" if server else url,
         "settings": {k: v for k, v in vars(cli).items() if k not in ("out", "vllm_python")},
+        "new_tokens_per_row": {"min": min(lengths), "quartiles": quartiles, "max": max(lengths)},
         "tokens_per_s": rates,
         "median_tokens_per_s": median,
         **summary,

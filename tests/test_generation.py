@@ -81,3 +81,25 @@ def test_a_model_name_is_enough_for_the_in_process_engine(tiny_model_dir, tmp_pa
     assert (result.report["generated"], result.report["engine"]) == (2, "transformers")
     with pytest.raises(ValueError, match="seed model's name"):
         distill_dataset(None, tokenizer, dataset, engine="server", server_url="http://127.0.0.1:1")
+
+
+def test_distill_dataset_refuses_a_batch_size_it_would_ignore_and_an_engine_it_cannot_drive(tmp_path):
+    from trl_selfdistill import distill_dataset
+    from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
+
+    tokenizer = build_tiny_tokenizer()
+    engine = TransformersEngine(build_tiny_llama(tokenizer), tokenizer, batch_size=3)
+    dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=1))
+    with pytest.raises(ValueError, match=r"TransformersEngine\(model, tokenizer, batch_size=...\)"):
+        distill_dataset(None, tokenizer, dataset, engine=engine, batch_size=8, cache_dir=tmp_path)
+
+    class GenerateOnly:  # enough for the evaluation probes, not for the rewrite
+        def generate(self, prompts, decoding, seeds):
+            yield from ()
+
+        def identity(self):
+            return {}
+
+    with pytest.raises(TypeError, match="GenerateOnly is not a `RewriteEngine`.*generate_blocks"):
+        distill_dataset(None, tokenizer, dataset, engine=GenerateOnly(), cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
