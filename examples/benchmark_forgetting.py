@@ -22,25 +22,17 @@ is unchanged (training settings, adapter weights, probe settings): an interrupte
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass, field
 
-# Third-party notes that every run would print, harmless here, filtered before the imports that emit them:
-# bitsandbytes on an optional CPU kernel package, and PEFT reading a transformers attribute that was renamed.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-)
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from _common import set_model_init_kwargs  # first: its warning filters
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
-
-from trl_selfdistill import SDFTDynSDPBConfig  # noqa: E402
-from trl_selfdistill.data import load_task_dataset  # noqa: E402
-from trl_selfdistill.evaluation.arms import ARMS  # noqa: E402
-from trl_selfdistill.evaluation.benchmark import run_forgetting_benchmark  # noqa: E402
-from trl_selfdistill.evaluation.probes import ProbeArguments  # noqa: E402
-from trl_selfdistill.evaluation.report import REPORT_JSON, REPORT_MARKDOWN  # noqa: E402
+from trl_selfdistill import SDFTDynSDPBConfig
+from trl_selfdistill.data import load_task_dataset
+from trl_selfdistill.evaluation.arms import ARMS
+from trl_selfdistill.evaluation.benchmark import run_forgetting_benchmark
+from trl_selfdistill.evaluation.probes import ProbeArguments
+from trl_selfdistill.evaluation.report import REPORT_JSON, REPORT_MARKDOWN
 
 
 @dataclass
@@ -68,12 +60,7 @@ def main(
     training_args: SDFTDynSDPBConfig,
     model_args: ModelConfig,
 ) -> None:
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    set_model_init_kwargs(training_args, model_args)
     train_dataset = load_task_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,

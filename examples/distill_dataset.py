@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from sdft import SDFTScriptArguments  # the same dataset arguments as the training script
+from _common import SDFTScriptArguments  # the training script's arguments (and the warning filters)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_quantization_config
 

@@ -12,22 +12,14 @@ Llama-2-7b-chat on GSM8K as QLoRA on one GPU (or several with `--multi_gpu`):
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass, field
 
-# Third-party notes that every run would print, harmless here, filtered before the imports that emit them:
-# bitsandbytes on an optional CPU kernel package, and PEFT reading a transformers attribute that was renamed.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-)
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from _common import set_model_init_kwargs  # first: its warning filters
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
-
-from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer  # noqa: E402
-from trl_selfdistill.data import load_task_dataset  # noqa: E402
-from trl_selfdistill.models import resolve_model_name  # noqa: E402
+from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
+from trl_selfdistill.data import load_task_dataset
+from trl_selfdistill.models import resolve_model_name
 
 
 @dataclass
@@ -38,12 +30,7 @@ class DynSDPBScriptArguments(ScriptArguments):
 
 
 def main(script_args: DynSDPBScriptArguments, training_args: DynSDPBConfig, model_args: ModelConfig) -> None:
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    set_model_init_kwargs(training_args, model_args)
     train_dataset = load_task_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,

@@ -17,58 +17,14 @@ directory, `bundled/gsm8k` or `bundled/addition`. Raw `question`/`answer` column
 from __future__ import annotations
 
 import json
-import logging
-import warnings
-from dataclasses import dataclass, field
 
-# Third-party notes that every run would print, harmless here, filtered before the imports that emit them:
-# bitsandbytes on an optional CPU kernel package, and PEFT reading a transformers attribute that was renamed.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-)
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from _common import SDFTScriptArguments, set_model_init_kwargs  # first: its warning filters
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
-
-from trl_selfdistill import SDFTConfig, SDFTTrainer  # noqa: E402
-from trl_selfdistill.data import load_task_dataset  # noqa: E402
-from trl_selfdistill.evaluation.gsm8k import evaluate_gsm8k  # noqa: E402
-from trl_selfdistill.evaluation.ifeval import evaluate_ifeval, load_ifeval  # noqa: E402
-
-
-@dataclass
-class SDFTScriptArguments(ScriptArguments):
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N training rows (quick runs and demos)."}
-    )
-    gsm8k_style: str = field(
-        default="raw",
-        metadata={"help": "Raw GSM8K answers: `raw` (as on the Hub) or `official` (the SDFT code's preparation)."},
-    )
-    eval_task_samples: int = field(
-        default=0,
-        metadata={
-            "help": "If > 0, the task's accuracy before and after training on this many held-out rows (the last "
-            "number of the answer against the reference's, asked with the GSM8K evaluation prompt)."
-        },
-    )
-    eval_task_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out task data (name or path), split `dataset_test_split`: default "
-            "the training dataset's name."
-        },
-    )
-    eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of a task answer."})
-    eval_ifeval_samples: int = field(
-        default=0,
-        metadata={
-            "help": "If > 0, IFEval (prompt-level strict, scored by lm-eval) before and after, on this many "
-            "of the 541 bundled prompts: what the model forgets."
-        },
-    )
-    eval_ifeval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of an IFEval answer."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the before/after probes."})
+from trl_selfdistill import SDFTConfig, SDFTTrainer
+from trl_selfdistill.data import load_task_dataset
+from trl_selfdistill.evaluation.gsm8k import evaluate_gsm8k
+from trl_selfdistill.evaluation.ifeval import evaluate_ifeval, load_ifeval
 
 
 def probe(trainer: SDFTTrainer, script_args: SDFTScriptArguments, held_out, ifeval_rows) -> dict[str, float]:
@@ -95,12 +51,7 @@ def probe(trainer: SDFTTrainer, script_args: SDFTScriptArguments, held_out, ifev
 
 
 def main(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args: ModelConfig) -> None:
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    set_model_init_kwargs(training_args, model_args)
     train_dataset = load_task_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,

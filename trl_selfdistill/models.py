@@ -59,6 +59,17 @@ def _check_gguf_reader() -> None:
         )
 
 
+def bundled_source_record(path: str | os.PathLike) -> dict | None:
+    """The conversion record of the bundled model's directory `path` (which may be in any cache), or None for any
+    other path: the record names the GGUF file the weights were dequantized from."""
+    try:
+        with open(os.path.join(path, _SOURCE_RECORD), encoding="utf-8") as file:
+            record = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") == BUNDLED_MODEL_NAME else None
+
+
 def _is_complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and (model_dir / _SOURCE_RECORD).is_file()
 

@@ -33,9 +33,10 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..files import atomic_file
-from ..model_card import MethodModelCard, dynsdpb_settings_section
+from ..model_card import MethodModelCard
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir
+from .card import dynsdpb_settings_section
 from .config import DynSDPBConfig
 from .head import DistillationInputs, DistillationOutput, add_distillation_head, output_layer, output_layer_sizes
 from .sampler import OverlappingBatchSampler, check_dataset_size

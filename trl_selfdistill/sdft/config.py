@@ -10,7 +10,7 @@ from trl import SFTConfig
 
 from ..generation.server import check_server_settings
 from ..utils import CheckpointingByItsNewName
-from .spec import DistillSpec
+from .spec import DEFAULT_CANDIDATES, DistillSpec, resolve_candidates
 
 DISTILL_ENGINES = ("transformers", "server")
 
@@ -67,6 +67,16 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
         distill_keep_truncated (`bool`, *optional*, defaults to `False`):
             Accept rewrites that stopped at `max_new_tokens` instead of at an end token. By default they fall back to
             the reference (rejection reason `truncated`): a cut rewrite teaches the model to stop mid-sentence.
+        distill_candidates (`list[str]`, *optional*, defaults to `["rewrite"]`):
+            The training targets the seed model generates for each response, besides the reference (always a
+            candidate, as the fallback): `"rewrite"` (SDFT's rewrite, guided by the reference) and/or `"own_answer"`
+            (its answer to the instruction alone, with no reference shown, as in Selective Self-Rehearsal, arXiv
+            2409.04787, and S3FT, arXiv 2502.08130). `"own_answer"` needs a checker other than `"none"`. On the command
+            line, names separated by spaces or commas.
+        distill_selection (`str`, *optional*, defaults to `"first"`):
+            Which passing candidate is trained on: `"first"` in the order own answer, rewrite, reference; or
+            `"lowest_nll"`, the one with the lowest per-token negative log-likelihood under the seed model (GRAPE,
+            arXiv 2502.04194; in-process engine only, a server gives no likelihoods here).
         distill_cache_dir (`str`, *optional*):
             Where rewrites are cached as they are produced. Defaults to `$TRL_SELFDISTILL_CACHE/rewrites` (or
             `~/.cache/trl_selfdistill/rewrites`).
@@ -135,6 +145,21 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
         default=False,
         metadata={"help": "Accept rewrites cut at max_new_tokens (by default they fall back to the reference)."},
     )
+    distill_candidates: list[str] = field(
+        default_factory=lambda: list(DEFAULT_CANDIDATES),
+        metadata={
+            "help": "Targets generated besides the reference: 'rewrite' (SDFT's rewrite) and/or 'own_answer' (the "
+            "seed model's answer to the instruction alone; needs a checker other than 'none')."
+        },
+    )
+    distill_selection: str = field(
+        default="first",
+        metadata={
+            "help": "'first': the first passing of own_answer, rewrite, reference; 'lowest_nll': the passing "
+            "candidate with the lowest per-token NLL under the seed model (in-process engine only).",
+            "choices": ["first", "lowest_nll"],
+        },
+    )
     distill_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Directory of the resumable rewrite cache. Defaults to ~/.cache/trl_selfdistill/rewrites."},
@@ -169,6 +194,14 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             raise ValueError(f"`distill_engine` must be one of {list(DISTILL_ENGINES)}, got {self.distill_engine!r}.")
         if self.distill_engine == "server" and not self.distill_server_url:
             raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+        # From the command line a list arrives as a list of strings, from YAML or an environment as one comma string.
+        self.distill_candidates = list(resolve_candidates(self.distill_candidates))
+        if self.distill_selection == "lowest_nll" and self.distill_engine == "server":
+            raise ValueError(
+                "`distill_selection='lowest_nll'` needs the seed model's likelihoods, which the server engine does "
+                "not give here. Use the in-process engine (`distill_engine='transformers'`) or "
+                "`distill_selection='first'`."
+            )
         if self.distill_engine == "server" or self.distill_server_url is not None:
             check_server_settings(
                 self.distill_server_url,

@@ -55,14 +55,19 @@ def response_nll(
     return results
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, instruction: str, response: str) -> tuple[list[int], int]:
-    """The token ids of instruction + response + end token, and the index of the first response token."""
+def instruction_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
+    """The instruction as a single user turn of the tokenizer's chat template, generation prompt added (plain text
+    plus a blank line when it has none): what responses are scored after, and what the seed model answers alone."""
     if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
         )
-    else:
-        prompt = instruction + "\n\n"
+    return instruction + "\n\n"
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, instruction: str, response: str) -> tuple[list[int], int]:
+    """The token ids of instruction + response + end token, and the index of the first response token."""
+    prompt = instruction_prompt(tokenizer, instruction)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -30,8 +30,8 @@ from ..generation import Prompt, RewriteEngine, ServerEngine, TransformersEngine
 from ..models import resolve_model_name
 from ..paths import default_cache_dir
 from .checkers import rejection_reason
-from .gap import response_nll
-from .spec import DistillSpec
+from .gap import instruction_prompt, response_nll
+from .spec import CANDIDATES, DistillSpec
 from .targets import SKIP_REASONS, RewriteTarget, apply_rewrites, collect_targets
 from .templates import check_renderable
 
@@ -134,7 +134,8 @@ def distill_dataset(
         tokenizer: its tokenizer.
         dataset: prompt-completion (standard or conversational) or conversational `messages`.
         spec: the prompt, checker and decoding ([`DistillSpec`]); or give `template`, `template_mode`, `checker`,
-            `generation_kwargs`, `keep_truncated` as keyword arguments (see [`SDFTConfig`]).
+            `generation_kwargs`, `keep_truncated`, `candidates`, `selection` as keyword arguments (see
+            [`SDFTConfig`]'s `distill_*` fields).
         engine: `"transformers"` (in process), `"server"` (an OpenAI-compatible server at `server_url`, serving the
             model named `server_model`, by default the seed model's name), or a [`RewriteEngine`].
         batch_size: prompts per `generate` call of the in-process engine built here, or `"auto"` (the default);
@@ -153,6 +154,8 @@ def distill_dataset(
         spec = DistillSpec.create(**spec_kwargs)
     elif spec_kwargs:
         raise TypeError(f"Pass either `spec` or its parts, not both (got {sorted(spec_kwargs)}).")
+    if engine == "server" or not isinstance(engine, str | TransformersEngine):
+        _check_scoring_engine(spec, engine)  # before any weights are loaded or any server is asked
     check_renderable(tokenizer, spec.template_mode)
     targets = collect_targets(dataset)
     engine = build_engine(
@@ -175,7 +178,12 @@ def distill_with_engine(
     show_progress: bool,
 ) -> DistillationResult:
     """[`distill_dataset`] once everything is resolved: the engine built, the dataset's responses collected
-    (`collect_targets`), the spec checked. The trainers call this with what they resolved before loading."""
+    (`collect_targets`), the spec checked. The trainers call this with what they resolved before loading.
+
+    Each response gets the candidates `spec.candidates` asks for (each kind generated into its own cache), each judged
+    by the checker; `spec.selection` picks the training target among those that pass and the reference.
+    """
+    _check_scoring_engine(spec, engine)
     engine.check(spec.decoding)  # once per engine and decoding: a server checked before loading is not asked again
     decoding = dict(spec.decoding)
     state = PartialState()
@@ -186,88 +194,226 @@ def distill_with_engine(
         _warn_skipped(targets)
 
     generator = engine.identity()
-    key = fingerprint(generator, prompts, decoding, seed)
-    cache = RowCache(os.path.join(cache_dir or default_cache_dir(), "rewrites", key), f"rank{state.process_index}")
-    if state.is_main_process:
-        cache.write_metadata({"generator": generator, "template": spec.template, "decoding": decoding})
-    rewrites, generated = _generate_missing(prompts, lengths, kept, cache, engine, decoding, seed, show_progress)
+    records, caches, generated = {}, {}, 0
+    for kind in spec.candidates:
+        records[kind], count, caches[kind] = _generate_candidates(
+            kind, prompts[kind], lengths[kind], kept, engine, generator, spec, decoding, seed, cache_dir, show_progress
+        )
+        generated += count
+
+    judged = {  # per response, each generated candidate in selection order, judged
+        (t.row, t.turn): [_candidate(kind, records[kind][_unit_key(t)], t, dataset, spec, caches[kind])
+                          for kind in spec.candidates]
+        for t in kept
+    }  # fmt: skip
+    scored = isinstance(engine, TransformersEngine)  # a server gives no likelihoods
+    chosen, nll = {}, {}
+    if spec.selection == "first":
+        chosen = {unit: _first_passing(candidates) for unit, candidates in judged.items()}
+        if scored:  # the references, and the targets that replace them
+            nll = _seed_nll(engine, tokenizer, kept, judged, lambda c, unit: c["kind"] == chosen[unit], position_limit)
+    else:  # lowest_nll: every passing candidate scored, the least surprising trained on
+        nll = _seed_nll(engine, tokenizer, kept, judged, lambda c, unit: c["reason"] is None, position_limit)
+        chosen = {unit: _least_surprising(unit, candidates, nll) for unit, candidates in judged.items()}
 
     responses, reasons, audit = {}, Counter(), []
     for target in targets:
-        record = rewrites.get(_unit_key(target))
-        reason, truncated = target.skip, False
-        if record is not None:
-            truncated = _was_cut(record)
-            reason = "truncated" if truncated and not spec.keep_truncated else None
-            reason = reason or _judge(record["rewrite"], target, dataset, spec, cache)
+        unit = (target.row, target.turn)
+        candidates = judged.get(unit, [])
+        reason = target.skip if target.skip else _row_reason(candidates, chosen[unit])
+        if target.skip is None:
             reasons[reason] += 1
-            if reason is None:
-                responses[(target.row, target.turn)] = record["rewrite"]
-        audit.append({
-            "row": target.row, "turn": target.turn, "rewrite": record["rewrite"] if record else None,
-            "accepted": record is not None and reason is None, "reason": reason, "truncated": truncated,
-        })  # fmt: skip
+            if chosen[unit] != "reference":
+                responses[unit] = next(c["text"] for c in candidates if c["kind"] == chosen[unit])
+        rewrite = next((c for c in candidates if c["kind"] == "rewrite"), None)
+        entry = {
+            "row": target.row, "turn": target.turn, "rewrite": rewrite["text"] if rewrite else None,
+            "accepted": target.skip is None and reason is None, "reason": reason,
+            "truncated": rewrite["truncated"] if rewrite else False,
+        }  # fmt: skip
+        if not spec.is_default:
+            entry["candidates"] = _audit_candidates(target, candidates, nll)
+            entry["target"] = chosen.get(unit)
+        audit.append(entry)
     skipped = Counter(target.skip for target in targets if target.skip)
-    gap = {}
-    if isinstance(engine, TransformersEngine):  # a server gives no likelihoods
-        gap = _distribution_gap(engine, tokenizer, kept, responses, position_limit)
+    gap = _distribution_gap(kept, chosen, nll) if scored else {}
+    sources = Counter(chosen.values())
+    options = {}
+    if not spec.is_default:
+        options = {"candidates": list(spec.candidates), "selection": spec.selection}
     report = {
         "rows": len(dataset),
         "total": len(targets),
         "accepted": reasons[None],
         "fallback": len(kept) - reasons[None],
+        **({} if spec.is_default else {f"target_{kind}": sources[kind] for kind in CANDIDATES}),
         "skipped": len(targets) - len(kept),
         **{f"rejected_{rule}": count for rule, count in sorted(reasons.items(), key=str) if rule},
         **{f"skipped_{reason}": skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
         "generated": generated,
-        "from_cache": len(kept) - generated,
+        "from_cache": len(kept) * len(spec.candidates) - generated,
         **gap,
         "template": spec.template.name,
         "template_mode": spec.template_mode,
         "checker": spec.checker_name,
+        **options,
         "generation_kwargs": decoding,
         "engine": generator.get("engine", "transformers"),
-        "cache_dir": str(cache.directory),
+        "cache_dir": str((caches.get("rewrite") or caches["own_answer"]).directory),
     }
+    if "own_answer" in caches:
+        report["own_answer_cache_dir"] = str(caches["own_answer"].directory)
     return DistillationResult(apply_rewrites(dataset, responses), report, audit)
 
 
-def _distribution_gap(
+def _check_scoring_engine(spec: DistillSpec, engine: str | RewriteEngine) -> None:
+    """`lowest_nll` ranks candidates by the seed model's likelihoods, which only the in-process engine gives."""
+    if spec.selection != "lowest_nll" or isinstance(engine, TransformersEngine):
+        return
+    name = "the server engine" if engine == "server" or isinstance(engine, ServerEngine) else type(engine).__name__
+    raise ValueError(
+        f"`selection='lowest_nll'` ranks the candidates by the seed model's likelihoods, which {name} does not give "
+        "here (a server returns text only). Use the in-process engine (`engine='transformers'`, "
+        "`distill_engine='transformers'` in the config), or `selection='first'`."
+    )
+
+
+def _generate_candidates(
+    kind: str,
+    prompts: list[str],
+    lengths: list[int],
+    kept: list[RewriteTarget],
+    engine: RewriteEngine,
+    generator: dict[str, Any],
+    spec: DistillSpec,
+    decoding: dict[str, Any],
+    seed: int,
+    cache_dir: str | os.PathLike | None,
+    show_progress: bool,
+) -> tuple[dict[str, dict], int, RowCache]:
+    """One kind of candidate for every kept response, generated into its cache: every record, how many were new, and
+    the cache. The rewrite's cache key is the one SDFT always had; another kind adds its name, so two kinds never share
+    a cache even if their prompts were the same."""
+    state = PartialState()
+    key_parts = (generator, prompts, decoding, seed) + (() if kind == "rewrite" else (kind,))
+    key = fingerprint(*key_parts)
+    cache = RowCache(os.path.join(cache_dir or default_cache_dir(), "rewrites", key), f"rank{state.process_index}")
+    if state.is_main_process:
+        if kind == "rewrite":
+            cache.write_metadata({"generator": generator, "template": spec.template, "decoding": decoding})
+        else:
+            cache.write_metadata({"generator": generator, "kind": kind, "decoding": decoding})
+    label = {"rewrite": "SDFT rewrite", "own_answer": "SDFT own answer"}[kind]
+    records, generated = _generate_missing(prompts, lengths, kept, cache, engine, decoding, seed, show_progress, label)
+    return records, generated, cache
+
+
+def _candidate(
+    kind: str, record: Mapping[str, Any], target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache
+) -> dict[str, Any]:
+    """A generated candidate judged: cut at `max_new_tokens` (unless kept), then the acceptance rules."""
+    truncated = _was_cut(record)
+    reason = "truncated" if truncated and not spec.keep_truncated else None
+    reason = reason or _judge(record["rewrite"], target, dataset, spec, cache, kind)
+    return {"kind": kind, "text": record["rewrite"], "truncated": truncated, "reason": reason}
+
+
+def _first_passing(candidates: list[dict[str, Any]]) -> str:
+    return next((c["kind"] for c in candidates if c["reason"] is None), "reference")
+
+
+def _per_token(score: tuple[float, int]) -> float:
+    return score[0] / max(score[1], 1)
+
+
+def _least_surprising(unit: tuple[int, int], candidates: list[dict[str, Any]], nll: dict) -> str:
+    """The passing candidate (the reference always passes) with the lowest NLL per token; ties go to the earlier."""
+    kinds = [c["kind"] for c in candidates if c["reason"] is None] + ["reference"]
+    return min(kinds, key=lambda kind: _per_token(nll[(*unit, kind)]))
+
+
+def _row_reason(candidates: list[dict[str, Any]], chosen: str) -> str | None:
+    """None when a generated candidate is trained on; else why the reference is: a passing candidate was more
+    surprising to the seed model (`higher_nll`), or the last candidate's rejection (the rewrite's, by default)."""
+    if chosen != "reference":
+        return None
+    if any(c["reason"] is None for c in candidates):
+        return "higher_nll"
+    return candidates[-1]["reason"]
+
+
+def _audit_candidates(target: RewriteTarget, candidates: list[dict[str, Any]], nll: dict) -> list[dict[str, Any]]:
+    if target.skip:
+        return []
+    unit = (target.row, target.turn)
+    reference = {"kind": "reference", "text": target.reference, "truncated": False, "reason": None}
+    return [
+        {
+            "kind": c["kind"],
+            "text": c["text"],
+            "accepted": c["reason"] is None,
+            "reason": c["reason"],
+            "truncated": c["truncated"],
+            "seed_nll": round(_per_token(nll[(*unit, c["kind"])]), 4) if (*unit, c["kind"]) in nll else None,
+        }  # fmt: skip
+        for c in [*candidates, reference]
+    ]
+
+
+def _seed_nll(
     engine: TransformersEngine,
     tokenizer: PreTrainedTokenizerBase,
     kept: list[RewriteTarget],
-    responses: dict[tuple[int, int], str],
+    judged: dict[tuple[int, int], list[dict[str, Any]]],
+    wanted,
     max_positions: int | None,
-) -> dict[str, float]:
-    """The seed model's mean NLL per response token, before and after the rewrite (see `gap.py`); rows are shared."""
+) -> dict[tuple[int, int, str], tuple[float, int]]:
+    """The seed model's summed NLL and token count (see `gap.py`) of every kept reference, and of the candidates
+    `wanted(candidate, (row, turn))` picks, keyed `(row, turn, kind)`; rows are shared among processes, all get all."""
     state = PartialState()
     share = kept[state.process_index :: state.num_processes]
-    accepted = [t for t in share if (t.row, t.turn) in responses]
+    keys = [(t.row, t.turn, "reference") for t in share]
     pairs = [(t.instruction, t.reference) for t in share]
-    pairs += [(t.instruction, responses[(t.row, t.turn)]) for t in accepted]
-    scores = response_nll(engine, tokenizer, pairs, max_positions)
-    before = dict(zip(share, scores[: len(share)], strict=True))
-    after = {**before, **dict(zip(accepted, scores[len(share) :], strict=True))}
-    local = [sum(score[k] for score in part.values()) for part in (before, after) for k in (0, 1)]
-    nll_before, tokens_before, nll_after, tokens_after = map(sum, zip(*gather_object([local]), strict=True))
+    for t in share:
+        for candidate in judged[(t.row, t.turn)]:
+            if wanted(candidate, (t.row, t.turn)):
+                keys.append((t.row, t.turn, candidate["kind"]))
+                pairs.append((t.instruction, candidate["text"]))
+    local = dict(zip(keys, response_nll(engine, tokenizer, pairs, max_positions), strict=True))
+    scores = {}
+    for part in gather_object([local]):
+        scores.update(part)
+    return scores
+
+
+def _distribution_gap(
+    kept: list[RewriteTarget], chosen: dict[tuple[int, int], str], nll: dict[tuple[int, int, str], tuple[float, int]]
+) -> dict[str, float]:
+    """The seed model's mean NLL per response token of the references and of the targets trained on (see `gap.py`)."""
+    before = [nll[(t.row, t.turn, "reference")] for t in kept]
+    after = [nll[(t.row, t.turn, chosen[(t.row, t.turn)])] for t in kept]
+    tokens_before = sum(score[1] for score in before)
     if not tokens_before:
         return {}
     return {
-        "seed_nll_reference": round(nll_before / tokens_before, 4),
-        "seed_nll_distilled": round(nll_after / tokens_after, 4),
+        "seed_nll_reference": round(sum(score[0] for score in before) / tokens_before, 4),
+        "seed_nll_distilled": round(sum(score[0] for score in after) / sum(score[1] for score in after), 4),
     }
 
 
-def _judge(rewrite: str, target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache) -> str | None:
-    """`rejection_reason`, with a checker that raises named with the row and the rewrite it failed on."""
+def _judge(
+    rewrite: str, target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache, kind: str = "rewrite"
+) -> str | None:
+    """`rejection_reason`, with a checker that raises named with the row and the candidate it failed on."""
+    name = kind.replace("_", " ")
     try:
         return rejection_reason(rewrite, target.reference, dataset[target.row], spec.checker)
     except Exception as error:
         turn = "" if target.turn < 0 else f", turn {target.turn}"
         raise RuntimeError(
-            f"The checker {spec.checker_name!r} raised {type(error).__name__} on row {target.row}{turn}, rewrite "
-            f"{rewrite[:200]!r}: {error}. Every rewrite is kept in the cache {cache.directory}: fix the checker and "
-            "rerun, nothing is generated again."
+            f"The checker {spec.checker_name!r} raised {type(error).__name__} on row {target.row}{turn}, "
+            f"{name} {rewrite[:200]!r}: {error}. Every {name} is kept in the cache {cache.directory}: fix the "
+            "checker and rerun, nothing is generated again."
         ) from error
 
 
@@ -277,12 +423,13 @@ def _screen(
     tokenizer: PreTrainedTokenizerBase,
     decoding: Mapping[str, Any],
     position_limit: int | None,
-) -> tuple[list[RewriteTarget], list[str], list[int]]:
-    """Marks the targets the seed model must not see; returns them all, and the prompts and lengths of the others.
+) -> tuple[list[RewriteTarget], dict[str, list[str]], dict[str, list[int]]]:
+    """Marks the targets the seed model must not see; returns them all, and the prompts and their lengths in tokens of
+    the others, per kind of candidate generated (`spec.candidates`).
 
     - `special_tokens`: the instruction or reference holds a special-token string (`<|im_end|>`, `</s>`, ...). In the
       prompt it would become the real token and end a turn early, so the seed model would answer something else.
-    - `too_long`: the prompt and `max_new_tokens` do not fit in the model's positions.
+    - `too_long`: the prompt (the longest of its kinds) and `max_new_tokens` do not fit in the model's positions.
     """
     specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values()
                                                           if t.special)} - {""}, key=len)  # fmt: skip
@@ -290,9 +437,17 @@ def _screen(
         replace(t, skip="special_tokens") if t.skip is None and _holds_any(specials, t.instruction, t.reference) else t
         for t in targets
     ]
-    rendered = {i: spec.render(t.instruction, t.reference, tokenizer) for i, t in enumerate(targets) if t.skip is None}
-    token_ids = tokenizer(list(rendered.values()), add_special_tokens=False)["input_ids"]
-    token_counts = {i: len(ids) for i, ids in zip(rendered, token_ids, strict=True)}
+    render = {
+        "rewrite": lambda t: spec.render(t.instruction, t.reference, tokenizer),
+        "own_answer": lambda t: instruction_prompt(tokenizer, t.instruction),  # the instruction alone
+    }
+    open_ = [i for i, t in enumerate(targets) if t.skip is None]
+    rendered = {kind: [render[kind](targets[i]) for i in open_] for kind in spec.candidates}
+    counts = {
+        kind: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for kind, texts in rendered.items()
+    }
+    token_counts = {i: max(counts[kind][j] for kind in counts) for j, i in enumerate(open_)}
     max_new_tokens = int(decoding.get("max_new_tokens") or 0)
     if position_limit is not None:
         fits = {i for i, count in token_counts.items() if count + max_new_tokens <= position_limit}
@@ -304,8 +459,10 @@ def _screen(
             )
         targets = [replace(t, skip="too_long") if i in token_counts and i not in fits else t
                    for i, t in enumerate(targets)]  # fmt: skip
-    keep = [i for i, t in enumerate(targets) if t.skip is None]
-    return targets, [rendered[i] for i in keep], [token_counts[i] for i in keep]
+    keep = [j for j, i in enumerate(open_) if targets[i].skip is None]
+    prompts = {kind: [texts[j] for j in keep] for kind, texts in rendered.items()}
+    lengths = {kind: [counts[kind][j] for j in keep] for kind in rendered}
+    return targets, prompts, lengths
 
 
 def _holds_any(needles: list[str], *texts: str) -> bool:
@@ -355,6 +512,7 @@ def _generate_missing(
     decoding: dict[str, Any],
     seed: int,
     show_progress: bool,
+    label: str = "SDFT rewrite",
 ) -> tuple[dict[str, dict], int]:
     """Generates what the cache lacks for this process's share; returns every cache record and how many were new.
 
@@ -369,7 +527,7 @@ def _generate_missing(
     progress = tqdm(
         total=len(mine),
         initial=sum(key in cache.rows for key in keys.values()),
-        desc="SDFT rewrite",
+        desc=label,
         unit="response",
         disable=not show_progress or not state.is_local_main_process,
     )

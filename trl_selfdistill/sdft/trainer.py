@@ -16,9 +16,10 @@ from trl import SFTTrainer
 
 from ..generation.local import release_unquantized, unquantized_seed_model
 from ..generation.server import completion_fields
-from ..model_card import MethodModelCard, sdft_report_section
+from ..model_card import MethodModelCard
 from ..models import resolve_model_name
 from ..utils import check_liger_kernel, check_trainable_dtypes, default_output_dir, shards_parameters
+from .card import sdft_report_section
 from .config import SDFTConfig
 from .outputs import REPORT_FILE, ROWS_FILE, rows_cut_by_max_length, save_distillation, warn_cut
 from .rewrite import distill_with_engine, engine_from_config
