@@ -29,7 +29,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 
 from trl_selfdistill import SDFTDynSDPBConfig
 from trl_selfdistill.data import load_task_dataset
-from trl_selfdistill.evaluation.arms import ARMS
+from trl_selfdistill.evaluation.arms import ARMS, DEFAULT_ARMS
 from trl_selfdistill.evaluation.benchmark import run_forgetting_benchmark
 from trl_selfdistill.evaluation.probes import ProbeArguments
 from trl_selfdistill.evaluation.report import REPORT_JSON, REPORT_MARKDOWN
@@ -38,8 +38,11 @@ from trl_selfdistill.evaluation.report import REPORT_JSON, REPORT_MARKDOWN
 @dataclass
 class BenchmarkScriptArguments(ScriptArguments):
     arms: list[str] = field(
-        default_factory=lambda: list(ARMS),
-        metadata={"help": f"Arms to train and compare with the seed model: {', '.join(ARMS)}."},
+        default_factory=lambda: list(DEFAULT_ARMS),
+        metadata={
+            "help": f"Arms to train and compare with the seed model: {', '.join(ARMS)} (default: "
+            f"{', '.join(DEFAULT_ARMS)}; the own-answer arms need a `distill_checker`)."
+        },
     )
     seeds: list[int] | None = field(
         default=None,

@@ -21,6 +21,7 @@ from trl_selfdistill.evaluation.arms import (
     ARMS,
     arm_config,
     arm_record,
+    check_arm_inputs,
     check_arms,
     train_arm,
     weights_digest,
@@ -34,6 +35,7 @@ from trl_selfdistill.evaluation.benchmark import (
 )
 from trl_selfdistill.evaluation.probes import ProbeArguments, ResultCache, probe_items, probe_settings
 from trl_selfdistill.evaluation.report import CHART_FILE, REPORT_JSON, REPORT_MARKDOWN, recorded_training_settings
+from trl_selfdistill.sdft.config import SDFTConfig
 
 PROBE_NAMES = ["gsm8k", "humaneval", "advbench", "advbench_jailbreak", "general"]
 
@@ -260,6 +262,35 @@ def test_arm_configs_share_the_settings_and_differ_in_the_mode(tmp_path):
     assert sft.learning_rate == dlb.learning_rate == 3e-4 and sft.max_steps == dlb.max_steps == 2
     assert dlb.distill_mode == "constant" and dynamic.distill_mode == "dynamic"
     assert dlb.distill_temperature == 2.0 and dlb.output_dir == str(tmp_path / "dlb")
+
+
+def test_the_own_answer_arms_are_compared_with_sdft(tmp_path, tiny_model_dir):
+    """The arms that may train on the seed model's own answer get their own paired differences from SDFT."""
+    config = shared_config(tmp_path, distill_checker="math")  # an own answer needs a checker that can refuse it
+    own = arm_config(ARMS["sdft_own_answer"], config, str(tmp_path / "own"))
+    lowest = arm_config(ARMS["sdft_lowest_nll"], config, str(tmp_path / "lowest"))
+    assert type(own) is SDFTConfig and own.distill_candidates == ["own_answer", "rewrite"]
+    assert own.distill_selection == "first" and lowest.distill_selection == "lowest_nll"
+    assert arm_config(ARMS["sdft"], config, str(tmp_path / "sdft")).distill_candidates == ["rewrite"]
+    with pytest.raises(ValueError, match="Benchmark arm `sdft_own_answer`.*needs a checker"):
+        check_arm_inputs(["sdft", "sdft_own_answer"], shared_config(tmp_path), arithmetic_dataset())
+
+    arms = ["sdft", "sdft_own_answer", "sdft_lowest_nll"]
+    probes = tiny_probes(probes=["addition"])
+    report = run_forgetting_benchmark(
+        tiny_model_dir, config, arithmetic_dataset(), probes, arms, seeds=[3], peft_config=lora()
+    )
+    assert set(report["vs_sdft"]) == {"sdft_own_answer", "sdft_lowest_nll"} and report["vs_sft"] == {}
+    assert set(report["vs_sdft"]["sdft_own_answer"]["addition"]) >= {"mean", "low", "high"}
+    record = arm_record(arm_dir(config.output_dir, "sdft_own_answer", 3))
+    assert record["settings"]["distill_candidates"] == ["own_answer", "rewrite"]
+    distillation = record["distillation"]
+    assert "target_own_answer" in distillation
+    assert sum(distillation[f"target_{kind}"] for kind in ("own_answer", "rewrite", "reference")) == 8
+    assert "target_own_answer" not in arm_record(arm_dir(config.output_dir, "sdft", 3))["distillation"]
+    assert "target_own_answer" in report["distribution_gap"]["sdft_own_answer"]["3"]
+    table = open(os.path.join(config.output_dir, REPORT_MARKDOWN)).read()
+    assert "Difference from SDFT," in table and "| SDFT, own answer first | 3 |" in table
 
 
 def test_every_arm_gets_vanilla_sft_updates_when_max_steps_is_unset(tmp_path):

@@ -49,19 +49,46 @@ class Arm:
     trainer_class: type
     config_class: type
     overrides: dict[str, Any] = field(default_factory=dict)
+    beside: str | None = None  # the arm it is compared with besides vanilla SFT (`vs_<beside>` in the report)
 
+
+# The paper's SDFT, whatever the shared config says of the follow-up options (own answers, lowest NLL).
+PAPER_SDFT = {"distill_candidates": ["rewrite"], "distill_selection": "first"}
 
 ARMS: dict[str, Arm] = {
     arm.name: arm
     for arm in (
         Arm("sft", "vanilla SFT", SFTTrainer, SFTConfig),
-        Arm("sdft", "SDFT", SDFTTrainer, SDFTConfig),
+        Arm("sdft", "SDFT", SDFTTrainer, SDFTConfig, PAPER_SDFT),
+        Arm(
+            "sdft_own_answer",
+            "SDFT, own answer first",
+            SDFTTrainer,
+            SDFTConfig,
+            {"distill_candidates": ["own_answer", "rewrite"]},
+            beside="sdft",
+        ),
+        Arm(
+            "sdft_lowest_nll",
+            "SDFT, least surprising target",
+            SDFTTrainer,
+            SDFTConfig,
+            {"distill_candidates": ["own_answer", "rewrite"], "distill_selection": "lowest_nll"},
+            beside="sdft",
+        ),
         Arm("dynsdpb", "DynSDPB (dynamic)", DynSDPBTrainer, DynSDPBConfig, {"distill_mode": "dynamic"}),
         Arm("dlb", "DynSDPB (constant, DLB)", DynSDPBTrainer, DynSDPBConfig, {"distill_mode": "constant"}),
         Arm("sdft_dynsdpb", "SDFT data + DynSDPB loss", SDFTDynSDPBTrainer, SDFTDynSDPBConfig),
     )
 }
-"""The arms, in table order; `sdft_dynsdpb` is [`SDFTDynSDPBTrainer`] (SDFT's rewrite, then DynSDPB's loss)."""
+"""The arms, in table order; `sdft_dynsdpb` is [`SDFTDynSDPBTrainer`] (SDFT's rewrite, then DynSDPB's loss).
+
+`sdft_own_answer` trains on the seed model's own answer to the instruction when the checker passes it (else SDFT's
+rewrite, else the reference); `sdft_lowest_nll` on the passing candidate (own answer, rewrite, reference) the seed
+model finds least surprising. Both need a checker other than `none`, and are compared with `sdft` as well as with SFT.
+"""
+DEFAULT_ARMS = ["sft", "sdft", "dynsdpb", "dlb", "sdft_dynsdpb"]
+"""The arms trained when none are named: those that run with any `distill_checker` (the own-answer ones need one)."""
 
 
 def check_arms(names: list[str]) -> list[str]:
@@ -179,7 +206,10 @@ def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset:
     """
     for name in names:
         arm = ARMS[name]
-        args = arm_config(arm, shared, shared.output_dir)
+        try:
+            args = arm_config(arm, shared, shared.output_dir)
+        except ValueError as error:
+            raise ValueError(f"Benchmark arm `{name}` ({arm.label}): {error}") from error
         if issubclass(arm.trainer_class, SDFTTrainer):
             SDFTTrainer._validate_sdft_before_loading(args, train_dataset, None)
         if issubclass(arm.trainer_class, DynSDPBTrainer):

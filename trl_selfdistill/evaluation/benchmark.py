@@ -1,7 +1,7 @@
 """The forgetting benchmark: fine-tune one seed model on one task several ways, then probe every result side by side.
 
-    for each training seed, for each arm (vanilla SFT, SDFT, DynSDPB dynamic and constant,     arms.py
-    SDFT data + DynSDPB loss):
+    for each training seed, for each arm (vanilla SFT, SDFT, SDFT own answer first or least     arms.py
+    surprising target, DynSDPB dynamic and constant, SDFT data + DynSDPB loss):
         train from the same settings into <output_dir>/<arm>/seed-<seed>
                                 (skipped once finished with the same settings; resumed from checkpoints)
     for the seed model and each trained arm:                                                    probes.py
@@ -31,7 +31,7 @@ from trl.trainer.utils import create_model_from_path
 
 from ..models import resolve_model_name
 from ..sdft_dynsdpb import SDFTDynSDPBConfig
-from .arms import ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm, weights_digest
+from .arms import ARMS, DEFAULT_ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm, weights_digest
 from .probes import ProbeArguments, ResultCache, run_probe
 from .report import check_chart_support, write_report
 from .similarity import SentenceEmbedder, mean_cosine_similarity
@@ -54,8 +54,8 @@ def run_forgetting_benchmark(
     embedder: SentenceEmbedder | None = None,
     dataset_name: str | None = None,
 ) -> dict[str, Any]:
-    """Trains every arm once per seed, probes the seed model and every trained arm, and writes the report into
-    `training_args.output_dir`.
+    """Trains every arm of `arms` (default `DEFAULT_ARMS`) once per seed, probes the seed model and every trained arm,
+    and writes the report into `training_args.output_dir`.
 
     Every arm trains with the same `training_args` (each reads the fields its own config has), the same data and the
     same number of optimizer updates: `max_steps`, or when it is unset the updates vanilla SFT makes in
@@ -67,7 +67,7 @@ def run_forgetting_benchmark(
     Returns the report (also written as `forgetting_benchmark.json`, with `forgetting_benchmark.md` and the charts).
     """
     started = time.monotonic()
-    arms = check_arms(list(ARMS) if arms is None else arms)
+    arms = check_arms(list(DEFAULT_ARMS) if arms is None else arms)
     seeds = check_seeds([training_args.seed] if seeds is None else seeds)
     if PartialState().num_processes > 1:
         raise ValueError(

@@ -3,8 +3,9 @@
 Written into the benchmark's output directory:
 
 - `forgetting_benchmark.json`: every score (per seed, and the mean with its interval), the paired differences from
-  vanilla SFT and from the seed model, the item counts, the targets of the default run, each arm's recorded settings,
-  train losses and distribution gap, and the run's duration;
+  vanilla SFT and from the seed model (and `vs_<arm>` for the arms compared with another arm too, such as `vs_sdft`),
+  the item counts, the targets of the default run, each arm's recorded settings, train losses and distribution gap
+  (with the targets' sources for the arms that choose among candidates), and the run's duration;
 - `forgetting_benchmark.md`: the same as tables (one row per model, the seed model first);
 - `chart_<probe>.png`: the arms side by side with their 95 % intervals, the seed model as a dashed line.
 
@@ -50,6 +51,11 @@ def label_of(model: str) -> str:
     return "seed" if model == SEED_MODEL else ARMS[model].label
 
 
+def beside_arms(arms: list[str]) -> dict[str, str]:
+    """`{arm: the arm it is compared with besides SFT}` for the arms of the run whose `Arm.beside` is in the run."""
+    return {arm: ARMS[arm].beside for arm in arms if arm in ARMS and ARMS[arm].beside in arms}
+
+
 def per_item(
     results: dict[str, dict[str, Any]], similarities: dict[str, dict[str, Any]], model: str, probe: str
 ) -> list[float]:
@@ -70,11 +76,15 @@ def aggregate(
 
     `results` is keyed by model: `seed` and `<arm>/seed-<seed>`. Returns `{"scores", "per_seed", "vs_sft",
     "vs_seed"}`; `vs_sft` is present for every arm but SFT when SFT is an arm; `general` has no seed-model score.
+    An arm compared with another arm too (`Arm.beside`, when that arm is in the run) adds `vs_<other arm>`, e.g.
+    `vs_sdft`, with the same paired differences.
     """
     scores: dict[str, dict[str, Any]] = {SEED_MODEL: {}}
     per_seed: dict[str, dict[str, list[float]]] = {}
     vs_sft: dict[str, dict[str, Any]] = {}
     vs_seed: dict[str, dict[str, Any]] = {}
+    besides = beside_arms(arms)
+    vs_beside: dict[str, dict[str, dict[str, Any]]] = {f"vs_{other}": {} for other in besides.values()}
     for probe in probes:
         seed_items = None if probe == "general" else per_item(results, similarities, SEED_MODEL, probe)
         scores[SEED_MODEL][probe] = None if seed_items is None else mean_over_items(seed_items).as_dict()
@@ -87,7 +97,10 @@ def aggregate(
                 vs_seed.setdefault(arm, {})[probe] = paired_difference(items[arm], [seed_items]).as_dict()
             if BASELINE_ARM in arms and arm != BASELINE_ARM:
                 vs_sft.setdefault(arm, {})[probe] = paired_difference(items[arm], items[BASELINE_ARM]).as_dict()
-    return {"scores": scores, "per_seed": per_seed, "vs_sft": vs_sft, "vs_seed": vs_seed}
+            if arm in besides:
+                difference = paired_difference(items[arm], items[besides[arm]]).as_dict()
+                vs_beside[f"vs_{besides[arm]}"].setdefault(arm, {})[probe] = difference
+    return {"scores": scores, "per_seed": per_seed, "vs_sft": vs_sft, "vs_seed": vs_seed, **vs_beside}
 
 
 def ifeval_metrics(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> dict[str, Any]:
@@ -205,7 +218,11 @@ def write_report(
         **aggregate(arms, seeds, probes, results, similarities),
         "distribution_gap": {
             arm: {
-                str(seed): {key: record["distillation"].get(key) for key in _GAP_KEYS}
+                str(seed): {
+                    **{key: record["distillation"].get(key) for key in _GAP_KEYS},
+                    # where the targets came from, for the arms that choose among candidates (own answer, ...)
+                    **{key: record["distillation"][key] for key in _TARGET_KEYS if key in record["distillation"]},
+                }
                 for seed, record in by_seed.items()
             }
             for arm, by_seed in records.items()
@@ -236,6 +253,7 @@ def write_report(
 
 
 _GAP_KEYS = ("total", "accepted", "seed_nll_reference", "seed_nll_distilled")
+_TARGET_KEYS = ("target_own_answer", "target_rewrite", "target_reference")
 
 
 def _lora_settings(peft_config) -> dict[str, Any] | None:
@@ -293,11 +311,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     for model in report["models"]:
         cells = [report["labels"][model], *(_estimate_cell(p, report["scores"][model].get(p)) for p in probes)]
         lines.append("| " + " | ".join(cells) + " |")
+    besides = dict.fromkeys(beside_arms([m for m in report["models"] if m != SEED_MODEL]).values())
     for key, title in (
         ("vs_sft", "Difference from vanilla SFT"),
+        *((f"vs_{other}", f"Difference from {report['labels'][other]}") for other in besides),
         ("vs_seed", "Difference from the seed model"),
     ):
-        if not report[key]:
+        if not report.get(key):
             continue
         lines += [
             "",
@@ -336,6 +356,23 @@ def markdown_report(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {report['labels'][arm]} | {seed} | {gap['accepted']}/{gap['total']} | {nll[0]} | {nll[1]} |"
                 )
+        chosen = {
+            arm: by_seed
+            for arm, by_seed in report["distribution_gap"].items()
+            if any(_TARGET_KEYS[0] in gap for gap in by_seed.values())
+        }
+        if chosen:
+            lines += [
+                "",
+                "Targets trained on, by source, per seed:",
+                "",
+                "| arm | seed | own answers | rewrites | references |",
+                "|---|---|---|---|---|",
+            ]
+            for arm, by_seed in chosen.items():
+                for seed, gap in by_seed.items():
+                    counts = " | ".join(str(gap.get(key, "—")) for key in _TARGET_KEYS)
+                    lines.append(f"| {report['labels'][arm]} | {seed} | {counts} |")
     if report.get("elapsed_seconds") is not None:
         minutes, seconds = divmod(round(report["elapsed_seconds"]), 60)
         lines += ["", f"This run took {minutes} min {seconds} s (resumed work not counted again)."]
