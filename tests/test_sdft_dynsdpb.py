@@ -21,7 +21,10 @@ from trl_selfdistill import (
     SDFTDynSDPBConfig,
     SDFTDynSDPBTrainer,
     SDFTTrainer,
+    sdft_dynsdpb,
 )
+from trl_selfdistill.dynsdpb import sampler
+from trl_selfdistill.dynsdpb import trainer as dynsdpb_trainer
 from trl_selfdistill.dynsdpb.trainer import TEACHER_CACHE_FILE
 from trl_selfdistill.sdft.outputs import DISTILLED_DATASET_FILE, REPORT_FILE, ROWS_FILE
 
@@ -183,3 +186,29 @@ def test_an_iterable_dataset_is_refused_by_dynsdpb_before_sdft_reads_it(tmp_path
     dataset = addition_rows(8).to_iterable_dataset()
     with pytest.raises(TypeError, match="map-style"):
         SDFTDynSDPBTrainer(model="no-such/model", args=config(tmp_path), train_dataset=dataset)
+
+
+def test_each_check_runs_once_per_construction(tmp_path, monkeypatch):
+    """One rewrite step in front of one trainer: DynSDPB's pre-load checks and its dataset size check run once."""
+    calls = {"check_inputs": 0, "check_dataset_size": 0}
+    check_inputs, check_dataset_size = DynSDPBTrainer.check_inputs, sampler.check_dataset_size
+
+    def counting_check_inputs(*args, **kwargs):
+        calls["check_inputs"] += 1
+        return check_inputs(*args, **kwargs)
+
+    def counting_check_dataset_size(*args, **kwargs):
+        calls["check_dataset_size"] += 1
+        return check_dataset_size(*args, **kwargs)
+
+    monkeypatch.setattr(DynSDPBTrainer, "check_inputs", staticmethod(counting_check_inputs))
+    for module in (dynsdpb_trainer, sdft_dynsdpb):
+        monkeypatch.setattr(module, "check_dataset_size", counting_check_dataset_size)
+    tokenizer = build_tiny_tokenizer()
+    SDFTDynSDPBTrainer(
+        model=build_tiny_llama(tokenizer),
+        args=config(tmp_path),
+        train_dataset=addition_rows(8),
+        processing_class=tokenizer,
+    )
+    assert calls == {"check_inputs": 1, "check_dataset_size": 1}

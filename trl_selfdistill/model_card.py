@@ -108,8 +108,8 @@ class MethodModelCard:
     """Mixed in before `SFTTrainer`: `create_model_card` and `save_model` write this card, with the method's section.
 
     Each trainer adds its section (written by its wing's `card` module) in `_model_card_sections`, calling `super()`
-    so that a trainer that combines methods by multiple inheritance gets every section, in the order of its MRO, in a
-    card written once per save.
+    so that a trainer that combines methods (a step mixed in front of another trainer) gets every section, in the
+    order of its MRO, in a card written once per save.
     """
 
     def _model_card_sections(self) -> list[str]:

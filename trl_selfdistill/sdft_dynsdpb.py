@@ -1,11 +1,12 @@
 """SDFT's distilled data trained with DynSDPB's loss: `SDFTDynSDPBConfig` and `SDFTDynSDPBTrainer`.
 
-Built by cooperative multiple inheritance, with MRO `SDFTDynSDPBTrainer -> SDFTTrainer -> DynSDPBTrainer ->
+One named step in front of one trainer, with MRO `SDFTDynSDPBTrainer -> SDFTRewriteMixin -> DynSDPBTrainer ->
 MethodModelCard -> SFTTrainer`:
 
-- `__init__`: SDFT's checks and tokenizer checks, then DynSDPB's `__init__` (its checks, `SFTTrainer.__init__`, which
-  keeps the training set raw through SDFT's `_prepare_dataset`, the distillation head, the teacher cache), then, back
-  in SDFT's, the rewrite, the tokenized distilled training set, the report and the saved distilled dataset;
+- `__init__`: the pre-load checks, once each (`check_inputs`: DynSDPB's, then SDFT's), the tokenizer checks, then
+  DynSDPB's `__init__` (which skips the checks already run; `SFTTrainer.__init__` keeps the training set raw through
+  the rewrite step's `_prepare_dataset`; the distillation head, the teacher cache), then, back in the rewrite step,
+  the rewrite, the tokenized distilled training set, the report and the saved distilled dataset;
 - training: DynSDPB's overlapping batches (`get_train_dataloader` reads the final, tokenized distilled
   `train_dataset`), loss, metrics and checkpoints with the teacher cache;
 - the model card: both sections (`_model_card_sections` is cooperative), both papers and both citations.
@@ -23,7 +24,7 @@ from .dynsdpb.sampler import check_dataset_size
 from .dynsdpb.trainer import DynSDPBTrainer
 from .sdft.config import SDFTConfig
 from .sdft.outputs import ROWS_FILE
-from .sdft.trainer import SDFTTrainer
+from .sdft.rewrite_step import SDFTRewriteMixin
 from .utils import default_output_dir
 
 
@@ -42,16 +43,16 @@ class SDFTDynSDPBConfig(SDFTConfig, DynSDPBConfig):
     """
 
 
-class SDFTDynSDPBTrainer(SDFTTrainer, DynSDPBTrainer):
+class SDFTDynSDPBTrainer(SDFTRewriteMixin, DynSDPBTrainer):
     """
     SDFT's distilled data trained with DynSDPB's loss: a drop-in [`~trl.SFTTrainer`].
 
-    Before training, the seed model rewrites the training set's responses exactly as [`SDFTTrainer`] does (same
-    acceptance checks and fallback, rewrite cache, `trainer.distillation_report`, distilled dataset and report saved
-    in `output_dir`, `distill/<count>` logs). Training is then [`DynSDPBTrainer`]'s on the distilled set: each
-    per-device batch re-uses the previous step's new samples and distils them towards the logits the model gave them
-    then (`ce_loss`, `distill/loss`, `distill/reused_fraction`, `distill/mean_*` logs; checkpoints carry the teacher
-    cache). The model card holds the distillation report and the DynSDPB settings.
+    Before training, the seed model rewrites the training set's responses exactly as [`SDFTTrainer`] does (the same
+    [`SDFTRewriteMixin`] step: acceptance checks and fallback, rewrite cache, `trainer.distillation_report`, distilled
+    dataset and report saved in `output_dir`, `distill/<count>` logs). Training is then [`DynSDPBTrainer`]'s on the
+    distilled set: each per-device batch re-uses the previous step's new samples and distils them towards the logits
+    the model gave them then (`ce_loss`, `distill/loss`, `distill/reused_fraction`, `distill/mean_*` logs;
+    checkpoints carry the teacher cache). The model card holds the distillation report and the DynSDPB settings.
 
     Example:
 
@@ -66,7 +67,7 @@ class SDFTDynSDPBTrainer(SDFTTrainer, DynSDPBTrainer):
 
     _tag_names = ["trl", "sdft", "dynsdpb", "dlb", "trl-selfdistill"]
     _name = "SDFT + DynSDPB"
-    _papers = (SDFTTrainer._paper, DynSDPBTrainer._paper)  # the card cites both (`_paper` is TRL's single paper)
+    _papers = (SDFTRewriteMixin._paper, DynSDPBTrainer._paper)  # the card cites both (`_paper` is TRL's single paper)
 
     def __init__(
         self,
@@ -81,9 +82,6 @@ class SDFTDynSDPBTrainer(SDFTTrainer, DynSDPBTrainer):
             args = SDFTDynSDPBConfig(default_output_dir(model, "SDFT-DynSDPB"))
         elif not (isinstance(args, SDFTConfig) and isinstance(args, DynSDPBConfig)):
             raise TypeError(f"`args` must be an `SDFTDynSDPBConfig`, got {type(args).__name__}.")
-        # DynSDPB's checks also run in its `__init__`; run first too, they refuse what cannot train (packing, an
-        # iterable dataset, another loss) before SDFT loads the tokenizer and asks a rewrite server for the model.
-        self._validate_dynsdpb_before_loading(args, train_dataset, kwargs)
         super().__init__(
             model,
             args=args,
@@ -92,7 +90,8 @@ class SDFTDynSDPBTrainer(SDFTTrainer, DynSDPBTrainer):
             formatting_func=formatting_func,
             **kwargs,
         )
-        self._check_distilled_dataset_size()
+        if self.distillation_report["dropped_by_max_length"]:  # else as many rows as DynSDPB's checks counted
+            self._check_distilled_dataset_size()
 
     def _check_distilled_dataset_size(self) -> None:
         """The rewrite keeps every row, but SFT's `max_length` may drop some: the rest must still fill one step."""

@@ -171,7 +171,7 @@ def test_sharded_training_is_allowed_with_the_server_engine_only(tmp_path):
     dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
     common = dict(output_dir=str(tmp_path), use_cpu=True, fsdp="full_shard", report_to=[])
     with pytest.raises(ValueError, match="distill_engine='server'"):
-        SDFTTrainer._validate_sdft_before_loading(SDFTConfig(**common), dataset, None)
+        SDFTTrainer.check_inputs(SDFTConfig(**common), dataset)
     server_args = SDFTConfig(**common, distill_engine="server", distill_server_url="http://127.0.0.1:1")
-    assert len(SDFTTrainer._validate_sdft_before_loading(server_args, dataset, None)) == 2  # the responses to rewrite
+    assert len(SDFTTrainer.check_inputs(server_args, dataset)) == 2  # the responses to rewrite
     assert server_args.distill_spec.template.name == "general"

@@ -113,12 +113,15 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         ),
     }
 
+    _inputs_checked = False  # set by a step mixed in front of this trainer that ran `check_inputs` before loading
+
     def __init__(self, model, args: DynSDPBConfig | None = None, train_dataset: Dataset | None = None, **kwargs):
         if args is None:
             args = DynSDPBConfig(default_output_dir(model, "DynSDPB"))
         elif not isinstance(args, DynSDPBConfig):
             raise TypeError(f"`args` must be a `DynSDPBConfig`, got {type(args).__name__}.")
-        self._validate_dynsdpb_before_loading(args, train_dataset, kwargs)
+        if not self._inputs_checked:  # a step in front of this trainer (the SDFT rewrite) ran them, first
+            self.check_inputs(args, train_dataset, **kwargs)
         if isinstance(model, str):
             model = resolve_model_name(model)
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
@@ -133,8 +136,9 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         self._checked_weights(SampleStatistics(torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.1])))
 
     @staticmethod
-    def _validate_dynsdpb_before_loading(args: DynSDPBConfig, train_dataset, kwargs: dict) -> None:
-        """Every configuration that cannot work, refused before the model is loaded."""
+    def check_inputs(args: DynSDPBConfig, train_dataset, **trainer_kwargs: Any) -> None:
+        """Every configuration that cannot work, refused before the model is loaded. `trainer_kwargs` are the
+        trainer's other keyword arguments (`compute_loss_func`, ...)."""
         if not isinstance(train_dataset, Dataset):
             raise TypeError(
                 "DynSDPB needs a map-style `datasets.Dataset`: its sampler re-uses samples by index. Got "
@@ -151,7 +155,11 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
                 "DynSDPB is tested with FSDP2, not with FSDP1 (deprecated by transformers; it runs on GPUs only, so "
                 "the CPU tests cannot cover it). Use FSDP2: `fsdp_config={'version': 2}` (the default)."
             )
-        if args.loss_type != "nll" or args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None:
+        if (
+            args.loss_type != "nll"
+            or args.label_smoothing_factor > 0
+            or trainer_kwargs.get("compute_loss_func") is not None
+        ):
             raise ValueError(
                 "DynSDPB computes its own loss (cross-entropy + distillation): use `loss_type='nll'`, no "
                 "`label_smoothing_factor` and no `compute_loss_func`."

@@ -210,10 +210,9 @@ def check_arm_inputs(names: list[str], shared: SDFTDynSDPBConfig, train_dataset:
             args = arm_config(arm, shared, shared.output_dir)
         except ValueError as error:
             raise ValueError(f"Benchmark arm `{name}` ({arm.label}): {error}") from error
-        if issubclass(arm.trainer_class, SDFTTrainer):
-            SDFTTrainer._validate_sdft_before_loading(args, train_dataset, None)
-        if issubclass(arm.trainer_class, DynSDPBTrainer):
-            DynSDPBTrainer._validate_dynsdpb_before_loading(args, train_dataset, {})
+        check_inputs = getattr(arm.trainer_class, "check_inputs", None)  # `SFTTrainer` checks nothing before loading
+        if check_inputs is not None:
+            check_inputs(args, train_dataset)
 
 
 def arm_record(arm_dir: str) -> dict[str, Any] | None:
