@@ -69,7 +69,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rewrite-rows", type=int, default=16, help="rows SDFT rewrites and trains on")
     parser.add_argument("--rewrite-tokens", type=int, default=32, help="new tokens per rewritten row")
     parser.add_argument(
-        "--loss-chunk-sizes", type=int, nargs="+", default=[0], help="DynSDPB `loss_chunk_size`s to run (0: default)"
+        "--loss-chunk-sizes",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="DynSDPB `dynsdpb_loss_chunk_size`s to run (0: default)",
     )
     parser.add_argument("--out", default="benchmarks/results/gpu_qlora.json")
     cli = parser.parse_args()
@@ -134,7 +138,7 @@ def main() -> None:
     training = []
     for name, chunk_size in runs:  # each on a freshly loaded model, same data and arguments
         label = f"{name} (loss chunk {chunk_size})" if chunk_size else name
-        args = args_for(name, **({"loss_chunk_size": chunk_size} if chunk_size else {}))
+        args = args_for(name, **({"dynsdpb_loss_chunk_size": chunk_size} if chunk_size else {}))
         training.append(
             train_one(name, load(), args, tokenizer, dataset, lora(), cli.sequence_length, cli.batch_size, label)
         )
@@ -187,10 +191,10 @@ def measure_sdft(cli, load, tokenizer, dataset, args_for, lora, workdir):
     # The trainer finds every rewrite in the cache (same model, prompts, decoding and seed): only training is timed.
     args = SDFTConfig(
         **args_for("SDFTTrainer"),
-        distill_template="general",
-        distill_generation_kwargs=decoding,
-        distill_cache_dir=str(workdir / "cache"),
-        distill_checker=reject_every_rewrite,
+        sdft_template="general",
+        sdft_generation_kwargs=decoding,
+        sdft_cache_dir=str(workdir / "cache"),
+        sdft_checker=reject_every_rewrite,
     )
     trainer = SDFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora())
     assert trainer.distillation_report["from_cache"] == cli.rewrite_rows, trainer.distillation_report

@@ -12,11 +12,12 @@ it, and every row gets exactly `--new-tokens` tokens with the paper's sampling (
 Arms (each a `GenerationEngine`, timed on the same prompts; the one-row loop on a subset spread over the lengths):
 - one-row loop: `generate` on one prompt at a time, dynamic cache (the floor every batching lever is measured from);
 - batch 16, dynamic cache: SDFTTrainer's previous default;
-- SDFTTrainer's default: `distill_batch_size="auto"`, length-sorted, static KV cache on a GPU, dynamic on a CPU;
+- SDFTTrainer's default: `sdft_batch_size=None` (sized from free memory), length-sorted, static KV cache on a GPU,
+  dynamic on a CPU;
 - the same with the other kind of cache, to measure that lever alone;
 - continuous batching: transformers' `generate_batch`, where finished rows stop costing compute;
-- on a GPU, the unquantized bf16 seed weights (`distill_unquantized_seed=True`), with the static cache compiled
-  (`distill_compile=True`: its first run, then once compiled) and with a dynamic cache.
+- on a GPU, the unquantized bf16 seed weights (`sdft_unquantized_seed=True`), with the static cache compiled
+  (`sdft_compile=True`: its first run, then once compiled) and with a dynamic cache.
 
 Tokens/s counts generated tokens; against the hardware, a GPU arm's rate is also given as a fraction of the decode
 floor (each step reads the weights once and the KV cache of the whole batch). It prints a table, writes JSON, and
@@ -159,7 +160,9 @@ def main() -> None:
             return len(texts) * cli.new_tokens
         return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
-    default = TransformersEngine(model, tokenizer)  # distill_batch_size="auto", static cache on a GPU only
+    default = TransformersEngine(
+        model, tokenizer
+    )  # sdft_batch_size=None (batch_size='auto'), static cache on a GPU only
     other_cache = TransformersEngine(model, tokenizer, static_cache=not default.static_cache)  # that lever alone
     arms = {
         "one_row": ("one-row loop", TransformersEngine(model, tokenizer, 1, static_cache=False), subset),

@@ -41,7 +41,7 @@ class BenchmarkScriptArguments(ScriptArguments):
         default_factory=lambda: list(DEFAULT_ARMS),
         metadata={
             "help": f"Arms to train and compare with the seed model: {', '.join(ARMS)} (default: "
-            f"{', '.join(DEFAULT_ARMS)}; the own-answer arms need a `distill_checker`)."
+            f"{', '.join(DEFAULT_ARMS)}; the own-answer arms need a `sdft_checker`)."
         },
     )
     seeds: list[int] | None = field(

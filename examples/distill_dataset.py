@@ -8,7 +8,7 @@ files `SDFTTrainer` writes; train on them with
 
     # on a vLLM server that serves the seed model (no weights are loaded here, only the tokenizer)
     python examples/distill_dataset.py --config examples/configs/sdft_llama2_7b_gsm8k_qlora.yaml \\
-        --distill_engine server --distill_server_url http://localhost:8000 --output_dir distilled
+        --sdft_engine server --sdft_server_url http://localhost:8000 --output_dir distilled
     # in process, on the bundled model and data
     python examples/distill_dataset.py --config examples/configs/sdft_smollm2_cpu.yaml --output_dir distilled
 
@@ -40,14 +40,14 @@ def main(script_args: SDFTScriptArguments, args: SDFTConfig, model_args: ModelCo
         max_samples=script_args.max_train_samples,
     )
     model = name  # the server engine needs only the name
-    if args.distill_engine == "transformers":
+    if args.sdft_engine == "transformers":
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
             quantization_config=get_quantization_config(model_args), device_map="auto",
         )  # fmt: skip
     result = distill_dataset(
-        model, tokenizer, dataset, args.distill_spec, engine=engine_from_config(args, model, tokenizer),
-        seed=args.seed, cache_dir=args.distill_cache_dir, show_progress=not args.disable_tqdm,
+        model, tokenizer, dataset, args.sdft_spec, engine=engine_from_config(args, model, tokenizer),
+        seed=args.seed, cache_dir=args.sdft_cache_dir, show_progress=not args.disable_tqdm,
     )  # fmt: skip
     save_distillation(args.output_dir, result.dataset, result.report, result.rows)
     print(json.dumps(result.report, indent=2, default=str))

@@ -80,7 +80,7 @@ def test_a_full_disk_names_the_cache_file_and_keeps_what_was_written(rewritten, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("trl_selfdistill.cache.os.fsync", no_space)
-    with pytest.raises(OSError, match=r"rows-rank0-\w+\.jsonl: No space left on device.*distill_cache_dir") as failure:
+    with pytest.raises(OSError, match=r"rows-rank0-\w+\.jsonl: No space left on device.*sdft_cache_dir") as failure:
         distill_dataset(model, tokenizer, dataset, cache_dir=tmp_path / "full", **REWRITE)
     assert failure.value.errno == errno.ENOSPC
 
@@ -96,7 +96,7 @@ def test_an_empty_or_broken_meta_json_is_rewritten_whole(tmp_path):
 
 
 def row(key: str, text: str = "rewritten") -> dict:
-    return {"key": key, "rewrite": text}
+    return {"key": key, "rewrite": text, "truncated": False}
 
 
 def test_refresh_reads_only_what_was_appended_and_waits_for_a_line_to_end(tmp_path, caplog):
@@ -128,12 +128,7 @@ def test_refresh_reads_only_what_was_appended_and_waits_for_a_line_to_end(tmp_pa
     with caplog.at_level(logging.WARNING):
         assert reader.refresh() == {"e": row("e", "from the other run")}
     assert f"Skipped 1 unusable line(s) of the rewrite cache {other} (line 2: not complete JSON" in caplog.text
-
-    # The file of an older version (one per rank, no run token) is read as well.
-    (tmp_path / "rows-rank1.jsonl").write_text(json.dumps(row("f")) + "\n")
-    assert set(reader.refresh()) == {"f"}
-    assert set(reader.rows) == {"a", "b", "c", "d", "e", "f"}
-    assert set(RowCache(tmp_path, "rank1").load_own()) == {"f"}
+    assert set(reader.rows) == {"a", "b", "c", "d", "e"}
     assert set(RowCache(tmp_path, "rank0").load_own()) == {"b", "c", "d", "e"}
 
 

@@ -23,7 +23,7 @@ def test_a_full_disk_names_the_claim_file_and_what_to_do(call, monkeypatch, tmp_
 
     claims = RowClaims(tmp_path / "claims")
     monkeypatch.setattr(os, call, no_space)
-    with pytest.raises(OSError, match=r"claims/\w+\.claim: No space left on device.*distill_cache_dir") as failure:
+    with pytest.raises(OSError, match=r"claims/\w+\.claim: No space left on device.*sdft_cache_dir") as failure:
         claims.claim(["row-1"])
     monkeypatch.undo()
     assert failure.value.errno == errno.ENOSPC

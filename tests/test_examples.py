@@ -34,11 +34,11 @@ def parse(argv: list[str]):
 
 def test_cpu_demo_config_parses_with_cli_overrides():
     script_args, args, model_args = parse(
-        ["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml"), "--distill_generation_kwargs", '{"top_k": 5}']
+        ["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml"), "--sdft_generation_kwargs", '{"top_k": 5}']
     )
     assert model_args.model_name_or_path == "bundled/SmolLM2-135M-Instruct"
     assert script_args.dataset_name == "bundled/addition"
-    assert (args.distill_template, args.distill_checker) == ("gsm8k", "math")
+    assert (args.sdft_template, args.sdft_checker) == ("gsm8k", "math")
     assert DistillSpec.from_config(args).decoding == {"do_sample": True, "temperature": 0.95, "top_p": 0.7,
                                                       "top_k": 5, "max_new_tokens": 512}  # fmt: skip
     _, args, _ = parse(["--config", str(EXAMPLES / "configs/sdft_smollm2_cpu.yaml")])
@@ -51,7 +51,7 @@ def test_paper_recipe_config_is_the_paper_recipe():
     for line in ["load_in_4bit: true", "bnb_4bit_quant_type: nf4", "use_bnb_nested_quant: true", "dtype: bfloat16",
                  "lora_r: 8", "lora_alpha: 16", "lora_target_modules: [q_proj, v_proj]", "learning_rate: 1.0e-4",
                  "lr_scheduler_type: cosine", "num_train_epochs: 5", "per_device_train_batch_size: 4",
-                 "gradient_accumulation_steps: 2", "distill_checker: math", "distill_template: gsm8k"]:  # fmt: skip
+                 "gradient_accumulation_steps: 2", "sdft_checker: math", "sdft_template: gsm8k"]:  # fmt: skip
         assert line in recipe
 
 
@@ -61,8 +61,8 @@ def test_example_script_on_local_raw_gsm8k(tmp_path, peft):
     save_tiny_model_and_gsm8k(tmp_path, rows=4)
     command = [sys.executable, str(EXAMPLES / "sdft.py"), "--model_name_or_path", str(tmp_path / "model"),
                "--dataset_name", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
-               "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
-               "--distill_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
+               "--sdft_checker", "math", "--sdft_generation_kwargs", '{"max_new_tokens": 4}',
+               "--sdft_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
                "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
                "--eval_task_samples", "2", "--eval_task_dataset", str(tmp_path / "train.jsonl"),
                "--dataset_test_split", "train", "--eval_max_new_tokens", "4",
@@ -84,8 +84,8 @@ def test_distill_dataset_script_writes_the_distilled_dataset_without_training(tm
     save_tiny_model_and_gsm8k(tmp_path, rows=4)
     command = [sys.executable, str(EXAMPLES / "distill_dataset.py"), "--model_name_or_path", str(tmp_path / "model"),
                "--dataset_name", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
-               "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
-               "--distill_batch_size", "2", "--distill_cache_dir", str(tmp_path / "cache"),
+               "--sdft_checker", "math", "--sdft_generation_kwargs", '{"max_new_tokens": 4}',
+               "--sdft_batch_size", "2", "--sdft_cache_dir", str(tmp_path / "cache"),
                "--use_cpu", "true"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -109,7 +109,7 @@ def test_dynsdpb_script_on_local_raw_gsm8k(tmp_path):
                "--config", str(EXAMPLES / "configs/dynsdpb_smollm2_cpu.yaml"),
                "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "train.jsonl"),
                "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1",
-               "--distill_mode", "constant"]  # fmt: skip
+               "--dynsdpb_mode", "constant"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "'distill/reused_fraction': '0.5'" in completed.stdout  # the second step re-uses half of each batch
@@ -125,8 +125,8 @@ def test_benchmark_script_on_a_tiny_model(tmp_path):
                "--output_dir", str(out), "--arms", "sft", "sdft", "--probes", "gsm8k", "advbench", "general",
                "--gsm8k_samples", "2", "--advbench_samples", "2", "--general_samples", "2",
                "--gsm8k_max_new_tokens", "4", "--advbench_max_new_tokens", "4", "--general_max_new_tokens", "4",
-               "--distill_checker", "math", "--distill_generation_kwargs", '{"max_new_tokens": 4}',
-               "--distill_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
+               "--sdft_checker", "math", "--sdft_generation_kwargs", '{"max_new_tokens": 4}',
+               "--sdft_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--bf16", "false",
                "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--eval_batch_size", "2",
                "--use_peft", "--lora_target_modules", "q_proj", "v_proj"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -25,9 +25,9 @@ def test_sdft_lora_run_saved_once_leaves_the_adapter_and_the_whole_card(tmp_path
     tokenizer = build_tiny_tokenizer()
     args = SDFTConfig(
         **tiny_training_args(tmp_path, max_steps=2, per_device_train_batch_size=2),
-        distill_cache_dir=str(tmp_path / "cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
+        sdft_cache_dir=str(tmp_path / "cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
     )
     trainer = SDFTTrainer(
         model=build_tiny_llama(tokenizer),
@@ -64,7 +64,7 @@ def test_sdft_lora_run_saved_once_leaves_the_adapter_and_the_whole_card(tmp_path
 
 
 def test_dynsdpb_card_has_its_settings_and_names_a_local_base_model(tmp_path, tiny_model_dir, monkeypatch):
-    settings = dict(distill_mode="constant", distill_alpha=0.25, distill_temperature=2.0, loss_chunk_size=64)
+    settings = dict(dynsdpb_mode="constant", dynsdpb_alpha=0.25, dynsdpb_temperature=2.0, dynsdpb_loss_chunk_size=64)
     args = DynSDPBConfig(**tiny_training_args(tmp_path, max_steps=2), **settings)
     trainer = DynSDPBTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows())
     trainer.train()
@@ -77,7 +77,7 @@ def test_dynsdpb_card_has_its_settings_and_names_a_local_base_model(tmp_path, ti
     local = f"Fine-tuned from a local model (loaded from the local directory `{os.path.basename(tiny_model_dir)}`)"
     assert local in card
     assert tiny_model_dir not in card  # the absolute path stays on this machine
-    expected = {**settings, "reuse_fraction": 0.5, "teacher_cache_dtype": "bfloat16"}
+    expected = {**settings, "dynsdpb_reuse_fraction": 0.5, "dynsdpb_teacher_cache_dtype": "bfloat16"}
     for name, value in expected.items():
         assert f"| `{name}` | `{value}` |" in card
     assert "In each per-device batch of 4 samples, 2 repeat" in card and "as in DLB" in card

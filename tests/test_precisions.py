@@ -53,9 +53,9 @@ def test_dynsdpb_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
 def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, recipe):
     args = SDFTConfig(
         **training_args(tmp_path, recipe),
-        distill_cache_dir=str(tmp_path / "cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_batch_size=4,
+        sdft_cache_dir=str(tmp_path / "cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_batch_size=4,
     )
     trainer = SDFTTrainer(model=tiny_model_dir, args=args, train_dataset=addition_rows(8), **recipe.model_kwargs())
     assert trainer.distillation_report["generated"] == 8
@@ -70,9 +70,9 @@ def test_sdft_rewrites_and_trains_in_every_precision(tmp_path, tiny_model_dir, r
 def test_sdft_data_with_the_dynsdpb_loss_in_bf16_and_4bit(tmp_path, tiny_model_dir, recipe):
     args = SDFTDynSDPBConfig(
         **training_args(tmp_path, recipe),
-        distill_cache_dir=str(tmp_path / "cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_batch_size=4,
+        sdft_cache_dir=str(tmp_path / "cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_batch_size=4,
     )
     trainer = SDFTDynSDPBTrainer(
         model=tiny_model_dir, args=args, train_dataset=addition_rows(8), **recipe.model_kwargs()

@@ -31,10 +31,10 @@ from trl_selfdistill.sdft.outputs import DISTILLED_DATASET_FILE, REPORT_FILE, RO
 
 def config(tmp_path, **overrides) -> SDFTDynSDPBConfig:
     rewrite = dict(
-        distill_cache_dir=str(tmp_path / "cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
-        distill_batch_size=8,
+        sdft_cache_dir=str(tmp_path / "cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
+        sdft_batch_size=8,
     )
     return SDFTDynSDPBConfig(
         **tiny_training_args(tmp_path, learning_rate=5e-3, max_steps=4, **{**rewrite, **overrides})
@@ -99,8 +99,8 @@ def test_lora_run_rewrites_then_trains_with_the_dynsdpb_loss(tmp_path):
     assert card.count("## SDFT distillation report") == card.count("## DynSDPB settings") == 1
     assert card.index("## SDFT distillation report") < card.index("## DynSDPB settings")
     assert f"rewrote {report['total'] - report['skipped']} of the {report['total']} responses" in card
-    assert "In each per-device batch of 4 samples, 2 repeat" in card and "| `distill_alpha` | `1.0` |" in card
-    assert "| `distill_cache_dir`" not in card and report["cache_dir"] not in card  # SDFT's fields stay out of it
+    assert "In each per-device batch of 4 samples, 2 repeat" in card and "| `dynsdpb_alpha` | `1.0` |" in card
+    assert "| `sdft_cache_dir`" not in card and report["cache_dir"] not in card  # SDFT's fields stay out of it
     metadata = ModelCard.load(out / "README.md").data
     assert {"sdft", "dynsdpb", "lora"} <= set(metadata.tags) and metadata.library_name == "peft"
     trainer.create_model_card()
@@ -129,37 +129,37 @@ def test_config_parses_from_yaml_with_the_fields_of_both_methods(tmp_path):
             output_dir: {tmp_path / "out"}
             use_cpu: true
             per_device_train_batch_size: 4
-            distill_template: general
-            distill_checker: math
-            distill_generation_kwargs: {{max_new_tokens: 16, temperature: 0.7}}
-            distill_batch_size: 2
-            distill_mode: constant
-            distill_alpha: 0.5
-            reuse_fraction: 0.25
-            loss_chunk_size: 128
+            sdft_template: general
+            sdft_checker: math
+            sdft_generation_kwargs: {{max_new_tokens: 16, temperature: 0.7}}
+            sdft_batch_size: 2
+            dynsdpb_mode: constant
+            dynsdpb_alpha: 0.5
+            dynsdpb_reuse_fraction: 0.25
+            dynsdpb_loss_chunk_size: 128
             """
         )
     )
     (args,) = TrlParser((SDFTDynSDPBConfig,)).parse_args_and_config(
-        ["--config", str(path), "--distill_temperature", "2.0"]
+        ["--config", str(path), "--dynsdpb_temperature", "2.0"]
     )
     assert isinstance(args, SDFTConfig) and isinstance(args, DynSDPBConfig)
-    assert (args.distill_template, args.distill_checker, args.distill_batch_size) == ("general", "math", 2)
-    assert args.distill_generation_kwargs == {"max_new_tokens": 16, "temperature": 0.7}
-    assert (args.distill_mode, args.distill_alpha, args.distill_temperature) == ("constant", 0.5, 2.0)
-    assert (args.reuse_count, args.loss_chunk_size) == (1, 128)
+    assert (args.sdft_template, args.sdft_checker, args.sdft_batch_size) == ("general", "math", 2)
+    assert args.sdft_generation_kwargs == {"max_new_tokens": 16, "temperature": 0.7}
+    assert (args.dynsdpb_mode, args.dynsdpb_alpha, args.dynsdpb_temperature) == ("constant", 0.5, 2.0)
+    assert (args.reuse_count, args.dynsdpb_loss_chunk_size) == (1, 128)
     assert args.activation_checkpointing is True  # `CheckpointingByItsNewName` ran once, under both configs
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"distill_batch_size": "0"}, "distill_batch_size"),  # SDFTConfig's checks
-        ({"distill_engine": "server"}, "distill_server_url"),
-        ({"distill_template": "no placeholders"}, "instruction"),
-        ({"distill_alpha": -1.0}, "distill_alpha"),  # DynSDPBConfig's checks
-        ({"reuse_fraction": 0.75}, "reuse_fraction"),
-        ({"teacher_cache_dtype": "int8"}, "teacher_cache_dtype"),
+        ({"sdft_batch_size": 0}, "sdft_batch_size"),  # SDFTConfig's checks
+        ({"sdft_engine": "server"}, "sdft_server_url"),
+        ({"sdft_template": "no placeholders"}, "instruction"),
+        ({"dynsdpb_alpha": -1.0}, "dynsdpb_alpha"),  # DynSDPBConfig's checks
+        ({"dynsdpb_reuse_fraction": 0.75}, "dynsdpb_reuse_fraction"),
+        ({"dynsdpb_teacher_cache_dtype": "int8"}, "dynsdpb_teacher_cache_dtype"),
     ],
 )
 def test_a_bad_value_of_either_method_fails_at_construction(tmp_path, overrides, message):

@@ -33,10 +33,11 @@ def fingerprint(*parts: Any) -> str:
 
 
 class RowCache:
-    """Rows keyed by `record["key"]` (a string), each with a string `record["rewrite"]`, stored as JSON lines.
+    """Rows keyed by `record["key"]` (a string), each with a string `record["rewrite"]` and a boolean
+    `record["truncated"]` (it stopped at `max_new_tokens`), stored as JSON lines.
 
     `writer` names this process's file, `rows-<writer>-<run>.jsonl`, where `run` is random per `RowCache`: two runs
-    sharing the cache never append to one file. Files of older versions (`rows-<writer>.jsonl`) are read as well.
+    sharing the cache never append to one file.
     """
 
     def __init__(self, directory: str | os.PathLike, writer: str = "rank0"):
@@ -59,7 +60,7 @@ class RowCache:
         A last line without its newline is left for a later read: another run may be writing it right now.
         """
         fresh = {}
-        for path in sorted(self.directory.glob("rows-*.jsonl")):
+        for path in sorted(self.directory.glob("rows-*-*.jsonl")):
             offset, lines = self._read_up_to.get(path, (0, 0))
             records, offset, lines = _read_whole_lines(path, offset, lines)
             self._read_up_to[path] = (offset, lines)
@@ -69,9 +70,8 @@ class RowCache:
 
     def load_own(self) -> dict[str, dict]:
         """The rows this writer wrote, in this run and earlier ones."""
-        paths = [self.directory / f"rows-{self.writer}.jsonl", *self.directory.glob(f"rows-{self.writer}-*.jsonl")]
         rows = {}
-        for path in sorted(path for path in paths if path.exists()):
+        for path in sorted(self.directory.glob(f"rows-{self.writer}-*.jsonl")):
             rows.update(_read_whole_lines(path, 0, 0)[0])
         return rows
 
@@ -93,7 +93,7 @@ class RowCache:
             raise OSError(
                 error.errno,
                 f"Could not write the rewrite cache {self._path}: {error.strerror}. Rows finished before this are "
-                "kept; free some space or point `distill_cache_dir` elsewhere, then rerun to resume.",
+                "kept; free some space or point `sdft_cache_dir` elsewhere, then rerun to resume.",
             ) from error
         self.rows.update((record["key"], record) for record in records)
 
@@ -152,6 +152,8 @@ def _parse_row(line: bytes) -> tuple[dict | None, str]:
         return None, "not a row with a string 'key'"
     if not isinstance(record.get("rewrite"), str):
         return None, "its 'rewrite' is not a string"
+    if not isinstance(record.get("truncated"), bool):
+        return None, "its 'truncated' is not true or false"
     return record, ""
 
 

@@ -321,7 +321,7 @@ def _unwritable_claim(path: Path, error: OSError) -> OSError:
     return OSError(
         error.errno,
         f"Could not write the claim file {path}: {error.strerror}. Rows finished before this are kept in the rewrite "
-        "cache; free some space or point `distill_cache_dir` elsewhere, then rerun to resume.",
+        "cache; free some space or point `sdft_cache_dir` elsewhere, then rerun to resume.",
     )
 
 

@@ -35,11 +35,10 @@ class SDFTDynSDPBConfig(SDFTConfig, DynSDPBConfig):
     [arXiv 2402.13669](https://huggingface.co/papers/2402.13669)), then DynSDPB training on it (Fu et al., 2024,
     [arXiv 2411.16991](https://huggingface.co/papers/2411.16991)).
 
-    It holds every field of [`SDFTConfig`] (the rewrite: `distill_template`, `distill_checker`,
-    `distill_generation_kwargs`, `distill_engine`, `distill_cache_dir`, ...) and of [`DynSDPBConfig`] (the training:
-    `distill_mode`, `distill_alpha`, `distill_temperature`, `reuse_fraction`, `teacher_cache_dtype`,
-    `loss_chunk_size`), with the same defaults, and checks both. Note that `distill_temperature` is DynSDPB's
-    distillation temperature; the rewrite's sampling temperature is in `distill_generation_kwargs`.
+    It holds every field of [`SDFTConfig`] (the rewrite: `sdft_template`, `sdft_checker`, `sdft_generation_kwargs`,
+    `sdft_engine`, `sdft_cache_dir`, ...) and of [`DynSDPBConfig`] (the training: `dynsdpb_mode`, `dynsdpb_alpha`,
+    `dynsdpb_temperature`, `dynsdpb_reuse_fraction`, `dynsdpb_teacher_cache_dtype`, `dynsdpb_loss_chunk_size`), with
+    the same defaults, and checks both.
     """
 
 
@@ -59,7 +58,7 @@ class SDFTDynSDPBTrainer(SDFTRewriteMixin, DynSDPBTrainer):
     ```python
     from trl_selfdistill import SDFTDynSDPBConfig, SDFTDynSDPBTrainer
 
-    args = SDFTDynSDPBConfig(output_dir="out", distill_template="gsm8k", distill_checker="math", distill_alpha=1.0)
+    args = SDFTDynSDPBConfig(output_dir="out", sdft_template="gsm8k", sdft_checker="math", dynsdpb_alpha=1.0)
     trainer = SDFTDynSDPBTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
     trainer.train()
     ```

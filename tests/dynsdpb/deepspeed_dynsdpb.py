@@ -38,7 +38,7 @@ def train(folder: Path, lora: bool, resume: bool) -> DynSDPBTrainer:
     tokenizer = build_tiny_tokenizer()
     args = tiny_training_args(
         folder, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=5e-3, deepspeed=deepspeed,
-        use_cpu=True, distill_mode="constant",  # full-weight distillation: a lost teacher changes the weights too
+        use_cpu=True, dynsdpb_mode="constant",  # full-weight distillation: a lost teacher changes the weights too
     )  # fmt: skip
     trainer = DynSDPBTrainer(
         model=build_tiny_llama(tokenizer), args=DynSDPBConfig(**args), train_dataset=addition_rows(),

@@ -20,7 +20,7 @@ from trl_selfdistill.utils import check_trainable_dtypes, default_output_dir
 
 def config(tmp_path, **overrides) -> DynSDPBConfig:
     # A random model's dynamic weight is about zero; these tests need the distillation term: constant mode.
-    defaults = {"learning_rate": 5e-3, "max_steps": 3, "distill_mode": "constant"}
+    defaults = {"learning_rate": 5e-3, "max_steps": 3, "dynsdpb_mode": "constant"}
     return DynSDPBConfig(**tiny_training_args(tmp_path, **{**defaults, **overrides}))
 
 
@@ -145,7 +145,7 @@ def test_lora_on_the_output_layer_is_refused_and_modules_to_save_trains_it(tmp_p
 def test_the_teacher_cache_is_restored_on_the_output_layer_device_in_the_configured_dtype(tmp_path, tiny_model_dir):
     first = DynSDPBTrainer(
         model=tiny_model_dir,
-        args=config(tmp_path / "a", teacher_cache_dtype="float32", save_strategy="steps", save_steps=2),
+        args=config(tmp_path / "a", dynsdpb_teacher_cache_dtype="float32", save_strategy="steps", save_steps=2),
         train_dataset=addition_rows(),
         peft_config=lora(),
     )
@@ -153,7 +153,7 @@ def test_the_teacher_cache_is_restored_on_the_output_layer_device_in_the_configu
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     resumed = DynSDPBTrainer(
         model=tiny_model_dir,
-        args=config(tmp_path / "b", teacher_cache_dtype="bfloat16"),
+        args=config(tmp_path / "b", dynsdpb_teacher_cache_dtype="bfloat16"),
         train_dataset=addition_rows(),
         peft_config=lora(),
     )
@@ -185,8 +185,8 @@ def test_fp16_trainable_weights_with_the_gradient_scaler_are_refused(tiny_model_
 
 
 def test_reuse_fraction_is_validated_by_the_config(tmp_path):
-    with pytest.raises(ValueError, match="reuse_fraction"):
-        config(tmp_path, reuse_fraction=0.75)
+    with pytest.raises(ValueError, match="dynsdpb_reuse_fraction"):
+        config(tmp_path, dynsdpb_reuse_fraction=0.75)
     with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
         config(tmp_path, per_device_train_batch_size=1)
     with pytest.warns(UserWarning, match=r"effective fraction 0\.4"):

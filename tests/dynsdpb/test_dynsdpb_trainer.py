@@ -71,7 +71,7 @@ def test_distillation_starts_at_step_two_and_logs_its_metrics(tmp_path):
 def test_alpha_zero_reproduces_sft_on_the_same_batches(tmp_path, accumulation):
     tokenizer = build_tiny_tokenizer()
     common = dict(gradient_accumulation_steps=accumulation, max_steps=4, learning_rate=5e-3)
-    dynsdpb = make_trainer(tmp_path / "d", tokenizer, distill_alpha=0.0, **common)
+    dynsdpb = make_trainer(tmp_path / "d", tokenizer, dynsdpb_alpha=0.0, **common)
     dynsdpb.train()
 
     class SFTOnSameBatches(SFTTrainer):
@@ -138,13 +138,13 @@ def test_qlora_path_trains_the_adapter_only(tmp_path):
     ("overrides", "dataset", "error", "message"),
     [
         ({"per_device_train_batch_size": 1}, None, ValueError, "batch"),
-        ({"reuse_fraction": 0.75}, None, ValueError, "reuse"),
+        ({"dynsdpb_reuse_fraction": 0.75}, None, ValueError, "reuse"),
         ({"packing": True}, None, ValueError, "packing"),
         ({"gradient_accumulation_steps": 16}, None, ValueError, "rows"),
         ({"loss_type": "dft"}, None, ValueError, "nll"),
-        ({"distill_mode": "adaptive"}, None, ValueError, "distill_mode"),
-        ({"distill_temperature": 0.0}, None, ValueError, "temperature"),
-        ({"loss_chunk_size": 0}, None, ValueError, "loss_chunk_size"),
+        ({"dynsdpb_mode": "adaptive"}, None, ValueError, "dynsdpb_mode"),
+        ({"dynsdpb_temperature": 0.0}, None, ValueError, "temperature"),
+        ({"dynsdpb_loss_chunk_size": 0}, None, ValueError, "dynsdpb_loss_chunk_size"),
         (
             {},
             IterableDataset.from_generator(lambda: iter([{"prompt": "a", "completion": "b"}])),
@@ -248,10 +248,10 @@ def _train_until_stopped(trainer) -> tuple[str, dict[str, torch.Tensor]]:
 
 def test_a_temperature_that_overflows_the_gradients_stops_training_with_the_weights_intact(tmp_path):
     # the loss stays finite (the term is scaled by T^2 = 0) while its gradients are NaN
-    trainer = make_trainer(tmp_path, distill_mode="constant", distill_temperature=1e-45)
+    trainer = make_trainer(tmp_path, dynsdpb_mode="constant", dynsdpb_temperature=1e-45)
     message, last_good = _train_until_stopped(trainer)
     assert "Training stopped at step 2, before its update: the gradient norm is nan" in message
-    assert "distill_temperature=1e-45" in message and "temperature 1.401e-45" in message
+    assert "dynsdpb_temperature=1e-45" in message and "temperature 1.401e-45" in message
     assert trainer.state.global_step == 1
     for name, param in trainer.model.named_parameters():
         assert param.isfinite().all() and torch.equal(param, last_good[name]), name

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import DynSDPBConfig, DynSDPBTrainer
 
-# (recipe, distill_mode, tolerance on the loss and on the relative gradient error)
+# (recipe, dynsdpb_mode, tolerance on the loss and on the relative gradient error)
 CASES = [
     ("fp32-full", "dynamic", 1e-5),
     ("fp32-full", "constant", 1e-5),
@@ -53,9 +53,9 @@ def make_trainer(tmp_path, model_dir: str, recipe_name: str, mode: str) -> DynSD
     args = DynSDPBConfig(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
-        distill_mode=mode,
+        dynsdpb_mode=mode,
         # A float32 model is compared exactly, so its cache keeps float32 too.
-        teacher_cache_dtype="float32" if recipe.dtype == "float32" else "bfloat16",
+        dynsdpb_teacher_cache_dtype="float32" if recipe.dtype == "float32" else "bfloat16",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         **recipe.args(),
@@ -69,9 +69,9 @@ def full_logits(model, batch) -> torch.Tensor:
 
 
 def reference_loss(trainer, teacher_logits, student_logits, batch) -> torch.Tensor:
-    alpha, temperature, mode = trainer.args.distill_alpha, trainer.args.distill_temperature, trainer.args.distill_mode
+    alpha, temperature, mode = trainer.args.dynsdpb_alpha, trainer.args.dynsdpb_temperature, trainer.args.dynsdpb_mode
     labels = batch["labels"][:, 1:].to(student_logits.device)
-    cache_dtype = getattr(torch, trainer.args.teacher_cache_dtype)
+    cache_dtype = getattr(torch, trainer.args.dynsdpb_teacher_cache_dtype)
     total, tokens = student_logits.new_zeros(()), 0
     rows = zip(batch["dynsdpb_index"].tolist(), batch["dynsdpb_reused"].tolist(), strict=True)
     for row, (index, reused) in enumerate(rows):

@@ -22,7 +22,7 @@ def test_loss_is_ce_loss_plus_distill_loss_with_uneven_micro_batches(tmp_path, l
     args = DynSDPBConfig(
         **tiny_training_args(
             tmp_path, learning_rate=5e-3, max_steps=6, gradient_accumulation_steps=2, logging_steps=logging_steps,
-            distill_mode="constant",  # a distillation term far from zero from the second step on
+            dynsdpb_mode="constant",  # a distillation term far from zero from the second step on
         )
     )  # fmt: skip
     trainer = DynSDPBTrainer(
@@ -40,6 +40,6 @@ def test_loss_is_ce_loss_plus_distill_loss_with_uneven_micro_batches(tmp_path, l
         assert entry["loss"] == pytest.approx(entry["ce_loss"] + entry["distill/loss"], rel=1e-5, abs=1e-6), entry
         assert 0 <= entry["mean_token_accuracy"] <= 1
     for entry in logs[1:]:  # constant mode: every re-used sample has the configured weight and temperature
-        assert entry["distill/mean_alpha"] == pytest.approx(args.distill_alpha)
-        assert entry["distill/mean_temperature"] == pytest.approx(args.distill_temperature)
+        assert entry["distill/mean_alpha"] == pytest.approx(args.dynsdpb_alpha)
+        assert entry["distill/mean_temperature"] == pytest.approx(args.dynsdpb_temperature)
         assert entry["distill/reused_fraction"] == pytest.approx(0.5)

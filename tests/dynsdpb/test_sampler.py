@@ -212,7 +212,7 @@ def test_reuse_count_for():
     assert reuse_count_for(8, 0.25) == 2
     assert reuse_count_for(5, 0.5) == 2  # round(2.5) == 2; the config warns about it (test_dynsdpb_config.py)
     for batch_size, fraction in [(1, 0.5), (8, 0.75), (8, 0.01), (8, float("nan"))]:
-        with pytest.raises(ValueError, match="reuse_fraction"):
+        with pytest.raises(ValueError, match="dynsdpb_reuse_fraction"):
             reuse_count_for(batch_size, fraction)
     with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
         reuse_count_for(1, 0.5)

@@ -47,10 +47,10 @@ def arithmetic_dataset(n: int = 8) -> Dataset:
 def shared_config(tmp_path, **overrides) -> SDFTDynSDPBConfig:
     defaults = dict(
         output_dir=str(tmp_path / "benchmark"),
-        distill_cache_dir=str(tmp_path / "rewrite-cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
-        distill_batch_size=4,
+        sdft_cache_dir=str(tmp_path / "rewrite-cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
+        sdft_batch_size=4,
         max_steps=2,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
@@ -254,24 +254,24 @@ def test_a_dataset_one_arm_refuses_fails_before_any_arm_trains(tmp_path, tiny_mo
 
 
 def test_arm_configs_share_the_settings_and_differ_in_the_mode(tmp_path):
-    shared = shared_config(tmp_path, learning_rate=3e-4, distill_temperature=2.0)
+    shared = shared_config(tmp_path, learning_rate=3e-4, dynsdpb_temperature=2.0)
     sft = arm_config(ARMS["sft"], shared, str(tmp_path / "sft"))
     dlb = arm_config(ARMS["dlb"], shared, str(tmp_path / "dlb"))
     dynamic = arm_config(ARMS["dynsdpb"], shared, str(tmp_path / "dynsdpb"))
     assert type(sft) is SFTConfig and type(dlb) is DynSDPBConfig
     assert sft.learning_rate == dlb.learning_rate == 3e-4 and sft.max_steps == dlb.max_steps == 2
-    assert dlb.distill_mode == "constant" and dynamic.distill_mode == "dynamic"
-    assert dlb.distill_temperature == 2.0 and dlb.output_dir == str(tmp_path / "dlb")
+    assert dlb.dynsdpb_mode == "constant" and dynamic.dynsdpb_mode == "dynamic"
+    assert dlb.dynsdpb_temperature == 2.0 and dlb.output_dir == str(tmp_path / "dlb")
 
 
 def test_the_own_answer_arms_are_compared_with_sdft(tmp_path, tiny_model_dir):
     """The arms that may train on the seed model's own answer get their own paired differences from SDFT."""
-    config = shared_config(tmp_path, distill_checker="math")  # an own answer needs a checker that can refuse it
+    config = shared_config(tmp_path, sdft_checker="math")  # an own answer needs a checker that can refuse it
     own = arm_config(ARMS["sdft_own_answer"], config, str(tmp_path / "own"))
     lowest = arm_config(ARMS["sdft_lowest_nll"], config, str(tmp_path / "lowest"))
-    assert type(own) is SDFTConfig and own.distill_candidates == ["own_answer", "rewrite"]
-    assert own.distill_selection == "first" and lowest.distill_selection == "lowest_nll"
-    assert arm_config(ARMS["sdft"], config, str(tmp_path / "sdft")).distill_candidates == ["rewrite"]
+    assert type(own) is SDFTConfig and own.sdft_candidates == ["own_answer", "rewrite"]
+    assert own.sdft_selection == "first" and lowest.sdft_selection == "lowest_nll"
+    assert arm_config(ARMS["sdft"], config, str(tmp_path / "sdft")).sdft_candidates == ["rewrite"]
     with pytest.raises(ValueError, match="Benchmark arm `sdft_own_answer`.*needs a checker"):
         check_arm_inputs(["sdft", "sdft_own_answer"], shared_config(tmp_path), arithmetic_dataset())
 
@@ -283,7 +283,7 @@ def test_the_own_answer_arms_are_compared_with_sdft(tmp_path, tiny_model_dir):
     assert set(report["vs_sdft"]) == {"sdft_own_answer", "sdft_lowest_nll"} and report["vs_sft"] == {}
     assert set(report["vs_sdft"]["sdft_own_answer"]["addition"]) >= {"mean", "low", "high"}
     record = arm_record(arm_dir(config.output_dir, "sdft_own_answer", 3))
-    assert record["settings"]["distill_candidates"] == ["own_answer", "rewrite"]
+    assert record["settings"]["sdft_candidates"] == ["own_answer", "rewrite"]
     distillation = record["distillation"]
     assert "target_own_answer" in distillation
     assert sum(distillation[f"target_{kind}"] for kind in ("own_answer", "rewrite", "reference")) == 8
@@ -342,7 +342,7 @@ def test_result_cache_reuses_only_results_of_the_same_settings(tmp_path):
 
 def test_the_report_refuses_arms_trained_with_different_settings():
     def record(seed, learning_rate, mode="dynamic"):
-        return {"settings": {"seed": seed, "learning_rate": learning_rate, "max_steps": 2, "distill_mode": mode}}
+        return {"settings": {"seed": seed, "learning_rate": learning_rate, "max_steps": 2, "dynsdpb_mode": mode}}
 
     same = {"sft": {3: record(3, 1e-3), 4: record(4, 1e-3)}, "dlb": {3: record(3, 1e-3, "constant")}}
     assert recorded_training_settings(same) == {"learning_rate": 1e-3, "max_steps": 2}

@@ -18,10 +18,10 @@ dataset = Dataset.from_list(
 )
 args = SDFTConfig(
     output_dir=str(out / "train"),
-    distill_cache_dir=str(out / "cache"),
-    distill_generation_kwargs={"max_new_tokens": 6},
-    distill_keep_truncated=True,  # the random tiny model never ends within 6 tokens: keep its rewrites to compare
-    distill_batch_size=2,
+    sdft_cache_dir=str(out / "cache"),
+    sdft_generation_kwargs={"max_new_tokens": 6},
+    sdft_keep_truncated=True,  # the random tiny model never ends within 6 tokens: keep its rewrites to compare
+    sdft_batch_size=2,
     max_steps=1,
     per_device_train_batch_size=2,
     bf16=False,

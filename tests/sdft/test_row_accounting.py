@@ -128,8 +128,8 @@ def test_rows_cut_by_max_length_are_counted_warned_and_marked(tmp_path, tiny_tok
         {"prompt": "Say it.", "completion": "It is " + "more and " * 40 + "done."},  # the completion is cut
     ])  # fmt: skip
     args = SDFTConfig(
-        output_dir=str(tmp_path / "out"), distill_cache_dir=str(tmp_path / "cache"), max_length=64,
-        distill_generation_kwargs={"max_new_tokens": 6}, distill_batch_size=4, max_steps=1,
+        output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), max_length=64,
+        sdft_generation_kwargs={"max_new_tokens": 6}, sdft_batch_size=4, max_steps=1,
         per_device_train_batch_size=2, report_to=[], save_strategy="no", disable_tqdm=True, bf16=False,
     )  # fmt: skip
     with caplog.at_level(logging.WARNING):
@@ -154,8 +154,8 @@ def test_the_audit_trail_lists_every_response_with_its_fate(tmp_path, tiny_token
         [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(5)]
     )
     args = SDFTConfig(
-        output_dir=str(tmp_path / "out"), distill_cache_dir=str(tmp_path / "cache"), distill_checker="math",
-        distill_generation_kwargs={"max_new_tokens": 6}, distill_keep_truncated=True, distill_batch_size=4,
+        output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_checker="math",
+        sdft_generation_kwargs={"max_new_tokens": 6}, sdft_keep_truncated=True, sdft_batch_size=4,
         max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no", disable_tqdm=True, bf16=False,
     )  # fmt: skip
     trainer = SDFTTrainer(

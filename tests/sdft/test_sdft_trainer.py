@@ -24,10 +24,10 @@ def arithmetic_dataset(n: int = 6) -> Dataset:
 def sdft_config(tmp_path, **overrides) -> SDFTConfig:
     defaults = dict(
         output_dir=str(tmp_path / "out"),
-        distill_cache_dir=str(tmp_path / "cache"),
-        distill_generation_kwargs={"max_new_tokens": 8},
-        distill_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
-        distill_batch_size=4,
+        sdft_cache_dir=str(tmp_path / "cache"),
+        sdft_generation_kwargs={"max_new_tokens": 8},
+        sdft_keep_truncated=True,  # a random tiny model never ends a rewrite within 8 tokens
+        sdft_batch_size=4,
         max_steps=3,
         per_device_train_batch_size=2,
         learning_rate=1e-2,
@@ -96,7 +96,7 @@ def test_rejected_rewrites_fall_back_to_the_reference(tmp_path, tiny_tokenizer, 
 
     trainer = SDFTTrainer(
         model=make_tiny_llama(tiny_tokenizer),
-        args=sdft_config(tmp_path, distill_checker=reject_all),
+        args=sdft_config(tmp_path, sdft_checker=reject_all),
         train_dataset=dataset,
         processing_class=tiny_tokenizer,
     )
@@ -226,9 +226,9 @@ def test_qlora_4bit_path(tmp_path, tiny_tokenizer, make_tiny_llama):
         (Dataset.from_list([{"question": "q", "answer": "a"}]), {}, "gsm8k_to_prompt_completion"),
         (Dataset.from_list([{"text": "a whole document"}]), {}, "prompt-completion"),
         (Dataset.from_dict({"prompt": [], "completion": []}), {}, "empty"),
-        (arithmetic_dataset(2), {"distill_checker": "maths"}, "maths"),
-        (arithmetic_dataset(2), {"distill_template": "mathematics"}, "mathematics"),
-        (arithmetic_dataset(2), {"distill_generation_kwargs": {"temprature": 0.5}}, "temprature"),
+        (arithmetic_dataset(2), {"sdft_checker": "maths"}, "maths"),
+        (arithmetic_dataset(2), {"sdft_template": "mathematics"}, "mathematics"),
+        (arithmetic_dataset(2), {"sdft_generation_kwargs": {"temprature": 0.5}}, "temprature"),
     ],
 )
 def test_bad_input_fails_at_construction_before_loading(tmp_path, tiny_tokenizer, dataset, overrides, message):
@@ -259,12 +259,12 @@ def test_qlora_can_rewrite_with_the_unquantized_seed_weights(tmp_path, tiny_toke
     make_tiny_llama(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     dataset = arithmetic_dataset(4)
-    args = sdft_config(tmp_path, distill_unquantized_seed=True, bf16=True, use_cpu=True)
+    args = sdft_config(tmp_path, sdft_unquantized_seed=True, bf16=True, use_cpu=True)
     # The cache filled by the original weights in the compute dtype: the trainer must find all of it there.
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     expected = distill_dataset(
         original, tiny_tokenizer, dataset, DistillSpec.from_config(args), batch_size=4, seed=args.seed,
-        cache_dir=args.distill_cache_dir, show_progress=False,
+        cache_dir=args.sdft_cache_dir, show_progress=False,
     )  # fmt: skip
     assert expected.report["generated"] == 4
 
@@ -275,8 +275,8 @@ def test_qlora_can_rewrite_with_the_unquantized_seed_weights(tmp_path, tiny_toke
     assert (trainer.distillation_report["generated"], trainer.distillation_report["from_cache"]) == (0, 4)
     assert trainer.model.get_base_model().is_loaded_in_4bit  # training itself stays QLoRA
 
-    args.distill_cache_dir = str(tmp_path / "other-cache")  # without the option, the 4-bit weights rewrite
-    args.distill_unquantized_seed = False
+    args.sdft_cache_dir = str(tmp_path / "other-cache")  # without the option, the 4-bit weights rewrite
+    args.sdft_unquantized_seed = False
     quantized = SDFTTrainer(
         model=str(model_dir), args=args, train_dataset=dataset, peft_config=lora(), quantization_config=quantization
     )
@@ -284,23 +284,26 @@ def test_qlora_can_rewrite_with_the_unquantized_seed_weights(tmp_path, tiny_toke
 
 
 def test_decoding_options_are_resolved_once_and_engine_keys_refused(tiny_tokenizer, make_tiny_llama):
-    assert SDFTConfig(use_cpu=True, distill_generation_kwargs='{"max_new_tokens": 7}').distill_generation_kwargs == {
+    assert SDFTConfig(use_cpu=True, sdft_generation_kwargs='{"max_new_tokens": 7}').sdft_generation_kwargs == {
         "max_new_tokens": 7
     }
     with pytest.raises(ValueError, match="pad_token_id"):
-        SDFTConfig(use_cpu=True, distill_generation_kwargs={"pad_token_id": 0})
-    with pytest.raises(ValueError, match="distill_batch_size"):
-        SDFTConfig(use_cpu=True, distill_batch_size="many")
-    assert SDFTConfig(use_cpu=True, distill_batch_size="8").distill_batch_size == 8
-    with pytest.raises(ValueError, match="distill_server_url"):
-        SDFTConfig(use_cpu=True, distill_engine="server")
-    with pytest.raises(ValueError, match="distill_keep_truncated` must be True or False"):
-        SDFTConfig(use_cpu=True, distill_keep_truncated="maybe")
+        SDFTConfig(use_cpu=True, sdft_generation_kwargs={"pad_token_id": 0})
+    with pytest.raises(ValueError, match="`sdft_batch_size` must be an integer >= 1, got 'many'"):
+        SDFTConfig(use_cpu=True, sdft_batch_size="many")
+    with pytest.raises(ValueError, match="`sdft_batch_size` must be an integer >= 1, got 0"):
+        SDFTConfig(use_cpu=True, sdft_batch_size=0)
+    with pytest.raises(ValueError, match="sdft_server_url"):
+        SDFTConfig(use_cpu=True, sdft_engine="server")
+    with pytest.raises(ValueError, match="sdft_keep_truncated` must be True or False"):
+        SDFTConfig(use_cpu=True, sdft_keep_truncated="maybe")
     with pytest.raises(ValueError, match="disable_compile"):
-        SDFTConfig(use_cpu=True, distill_generation_kwargs={"disable_compile": False})
-    args = SDFTConfig(use_cpu=True, distill_compile=True, distill_batch_size=3)
+        SDFTConfig(use_cpu=True, sdft_generation_kwargs={"disable_compile": False})
+    args = SDFTConfig(use_cpu=True, sdft_compile=True, sdft_batch_size=3)
     engine = engine_from_config(args, make_tiny_llama(tiny_tokenizer), tiny_tokenizer)
     assert (engine.compile, engine.batch_size, engine.static_cache) == (True, 3, False)  # no static cache on a CPU
+    default = engine_from_config(SDFTConfig(use_cpu=True), make_tiny_llama(tiny_tokenizer), tiny_tokenizer)
+    assert default.batch_size == "auto"  # `sdft_batch_size=None`: sized from free memory
 
 
 def test_a_dataset_dict_or_nested_messages_are_named_at_construction(tmp_path, tiny_tokenizer):

@@ -103,7 +103,7 @@ def test_server_killed_mid_run_loses_nothing_and_the_rerun_generates_only_what_i
 def test_a_renamed_deployment_needs_the_override(server, seed_model, bundled_model_dir, tmp_path):
     _, tokenizer = seed_model
     dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=1))
-    with pytest.raises(ServerError, match="distill_server_model"):
+    with pytest.raises(ServerError, match="sdft_server_model"):
         distill_dataset("my-org/renamed", tokenizer, dataset, GREEDY, engine="server", server_url=server.url)
     result = distill_dataset(
         "my-org/renamed", tokenizer, dataset, GREEDY, engine="server", server_url=server.url,
@@ -115,8 +115,8 @@ def test_a_renamed_deployment_needs_the_override(server, seed_model, bundled_mod
 def test_unreachable_server_fails_at_construction_before_loading_anything(tiny_model_dir, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     args = SDFTConfig(
-        output_dir=str(tmp_path / "out"), distill_cache_dir=str(tmp_path / "cache"), distill_engine="server",
-        distill_server_url=url, distill_server_max_retries=0, use_cpu=True, report_to=[],
+        output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_engine="server",
+        sdft_server_url=url, sdft_server_max_retries=0, use_cpu=True, report_to=[],
     )  # fmt: skip
     dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
     started = time.monotonic()
@@ -170,8 +170,8 @@ def test_decoding_becomes_completion_fields():
 def test_sharded_training_is_allowed_with_the_server_engine_only(tmp_path):
     dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
     common = dict(output_dir=str(tmp_path), use_cpu=True, fsdp="full_shard", report_to=[])
-    with pytest.raises(ValueError, match="distill_engine='server'"):
+    with pytest.raises(ValueError, match="sdft_engine='server'"):
         SDFTTrainer.check_inputs(SDFTConfig(**common), dataset)
-    server_args = SDFTConfig(**common, distill_engine="server", distill_server_url="http://127.0.0.1:1")
+    server_args = SDFTConfig(**common, sdft_engine="server", sdft_server_url="http://127.0.0.1:1")
     assert len(SDFTTrainer.check_inputs(server_args, dataset)) == 2  # the responses to rewrite
-    assert server_args.distill_spec.template.name == "general"
+    assert server_args.sdft_spec.template.name == "general"

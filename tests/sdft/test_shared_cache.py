@@ -158,7 +158,9 @@ def test_a_row_another_live_run_is_generating_is_waited_for_not_generated(seed, 
         while not finished.is_set() and len(RowCache(directory).load() if directory.exists() else {}) < ROWS - 1:
             time.sleep(0.05)
         time.sleep(1.0)
-        RowCache(directory, "other").append([{"key": seed.last, "rewrite": "written by the other run"}])
+        RowCache(directory, "other").append(
+            [{"key": seed.last, "rewrite": "written by the other run", "truncated": False}]
+        )
         other.release([seed.last])
         other.close()
 

@@ -176,21 +176,21 @@ def test_refusals_before_anything_is_loaded_or_generated(tmp_path, tiny_tokenize
         with pytest.raises(ValueError, match=r"lowest_nll.*the server engine does not give.*in-process engine"):
             distill_dataset(None, tiny_tokenizer, addition_rows(2), selection="lowest_nll", server_url="http://x:1",
                             engine=engine, cache_dir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match=r"`distill_selection='lowest_nll'` needs .* server engine"):
-        config(tmp_path, distill_engine="server", distill_server_url="http://localhost:8000",
-               distill_selection="lowest_nll")  # fmt: skip
+    with pytest.raises(ValueError, match=r"`sdft_selection='lowest_nll'` needs .* server engine"):
+        config(tmp_path, sdft_engine="server", sdft_server_url="http://localhost:8000",
+               sdft_selection="lowest_nll")  # fmt: skip
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"distill_candidates": ["own_answr"]}, r"Unknown `distill_candidates` \['own_answr'\]"),
-        ({"distill_candidates": []}, r"`distill_candidates` must name at least one of \['own_answer', 'rewrite'\]"),
-        ({"distill_candidates": ["reference"]}, r"must name at least one of"),
-        ({"distill_candidates": [1]}, r"`distill_candidates` must be a list of names"),
-        ({"distill_selection": "lowest"}, r"Unknown `distill_selection` 'lowest': use 'first' .* or 'lowest_nll'"),
-        ({"distill_candidates": ["own_answer"]}, r"'own_answer' needs a checker"),
+        ({"sdft_candidates": ["own_answr"]}, r"Unknown `sdft_candidates` \['own_answr'\]"),
+        ({"sdft_candidates": []}, r"`sdft_candidates` must name at least one of \['own_answer', 'rewrite'\]"),
+        ({"sdft_candidates": ["reference"]}, r"must name at least one of"),
+        ({"sdft_candidates": [1]}, r"`sdft_candidates` must be a list of names"),
+        ({"sdft_selection": "lowest"}, r"Unknown `sdft_selection` 'lowest': use 'first' .* or 'lowest_nll'"),
+        ({"sdft_candidates": ["own_answer"]}, r"'own_answer' needs a checker"),
     ],
 )
 def test_config_validation(tmp_path, fields, message):
@@ -201,22 +201,22 @@ def test_config_validation(tmp_path, fields, message):
 def test_config_takes_lists_comma_strings_and_the_command_line(tmp_path):
     from trl import TrlParser
 
-    args = config(tmp_path, distill_checker="math", distill_candidates="rewrite, own_answer")
-    assert args.distill_candidates == BOTH and args.distill_spec.candidates == tuple(BOTH)
-    assert config(tmp_path).distill_spec.is_default
+    args = config(tmp_path, sdft_checker="math", sdft_candidates="rewrite, own_answer")
+    assert args.sdft_candidates == BOTH and args.sdft_spec.candidates == tuple(BOTH)
+    assert config(tmp_path).sdft_spec.is_default
     for words in (["own_answer", "rewrite"], ["own_answer,rewrite"]):
         (parsed,) = TrlParser([SDFTConfig]).parse_args_into_dataclasses(
-            ["--output_dir", str(tmp_path), "--bf16", "false", "--distill_checker", "math",
-             "--distill_selection", "lowest_nll", "--distill_candidates", *words]
+            ["--output_dir", str(tmp_path), "--bf16", "false", "--sdft_checker", "math",
+             "--sdft_selection", "lowest_nll", "--sdft_candidates", *words]
         )  # fmt: skip
-        assert parsed.distill_candidates == BOTH and parsed.distill_spec.selection == "lowest_nll"
+        assert parsed.sdft_candidates == BOTH and parsed.sdft_spec.selection == "lowest_nll"
 
 
 def test_trainer_with_own_answers_on_gsm8k(tmp_path, tiny_tokenizer, make_tiny_llama):
     dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2), style="official")
     args = SDFTConfig(
-        output_dir=str(tmp_path / "out"), distill_cache_dir=str(tmp_path / "cache"), distill_checker="math",
-        distill_candidates=BOTH, distill_generation_kwargs={"max_new_tokens": 6}, distill_batch_size=2,
+        output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_checker="math",
+        sdft_candidates=BOTH, sdft_generation_kwargs={"max_new_tokens": 6}, sdft_batch_size=2,
         max_steps=1, per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
         disable_tqdm=True,
     )  # fmt: skip

@@ -123,7 +123,7 @@ def test_a_killed_and_restarted_server_loses_nothing_and_generates_nothing_twice
 def test_the_model_id_is_checked_and_a_renamed_deployment_needs_the_override(vllm, seed_model, tmp_path):
     _, tokenizer = seed_model
     dataset = rows(1)
-    with pytest.raises(ServerError, match=f"serves \\['{SERVED_NAME}'\\].*distill_server_model"):
+    with pytest.raises(ServerError, match=f"serves \\['{SERVED_NAME}'\\].*sdft_server_model"):
         distill_dataset("my-org/other-model", tokenizer, dataset, GREEDY, engine="server", server_url=vllm.url)
     result = distill_dataset(
         "my-org/other-model", tokenizer, dataset, GREEDY, engine="server", server_url=vllm.url,
@@ -180,9 +180,9 @@ def test_the_trainer_asks_the_server_once_per_thing_during_construction(vllm, bu
     proxy = CountingProxy(vllm.url)
     try:
         args = SDFTConfig(
-            output_dir=str(tmp_path / "out"), distill_cache_dir=str(tmp_path / "cache"), distill_engine="server",
-            distill_server_url=proxy.url, distill_server_model=SERVED_NAME, distill_template="gsm8k",
-            distill_checker="math", distill_generation_kwargs={"do_sample": False, "max_new_tokens": 16},
+            output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_engine="server",
+            sdft_server_url=proxy.url, sdft_server_model=SERVED_NAME, sdft_template="gsm8k",
+            sdft_checker="math", sdft_generation_kwargs={"do_sample": False, "max_new_tokens": 16},
             max_steps=1, use_cpu=True, report_to=[], disable_tqdm=True,
         )  # fmt: skip
         trainer = SDFTTrainer(model=bundled_model_dir, args=args, train_dataset=rows(3))

@@ -23,7 +23,7 @@ def dynsdpb_settings_section(args) -> str:
     weighting = (
         "a weight and temperature per sample that adapt to how uncertain and how discriminative those earlier "
         "predictions were"
-        if args.distill_mode == "dynamic"
+        if args.dynsdpb_mode == "dynamic"
         else "a fixed weight and temperature, as in DLB (Shen et al., CVPR 2022)"
     )
     return (

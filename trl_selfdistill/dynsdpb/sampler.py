@@ -2,21 +2,21 @@
 
 **Chains.** A per-device micro-batch is the first `k = reuse_count` samples that were *new* in the same micro-batch
 slot one optimizer step earlier (re-used, listed first) plus `B - k` new samples, where
-`B = per_device_train_batch_size` and `k = round(B * reuse_fraction)` (see `reuse_count_for`). A micro-batch slot
-`g` (the gradient-accumulation index, `0 <= g < G`) on process `w` (`0 <= w < W`) is a *chain*; the `G * W` chains
+`B = per_device_train_batch_size` and `k = round(B * dynsdpb_reuse_fraction)` (see `reuse_count_for`). A micro-batch
+slot `g` (the gradient-accumulation index, `0 <= g < G`) on process `w` (`0 <= w < W`) is a *chain*; the `G * W` chains
 are independent. Keeping the re-use inside a chain makes "the previous batch" always exactly one optimizer update
-earlier, for any `gradient_accumulation_steps` and any number of processes, and keeps the cached logits of a sample
-on the process that produced them (nothing crosses processes).
+earlier, for any `gradient_accumulation_steps` and any number of processes, and keeps the cached logits of a sample on
+the process that produced them (nothing crosses processes).
 
 **Epochs and steps.** An epoch makes every sample new exactly once, over all chains together: in optimizer step `s`
-chain `(g, w)` takes the new samples `perm[start : start + B - k]` with `start = (s * G * W + g * W + w) * (B - k)`
-of the epoch's permutation. An epoch therefore takes `steps_per_epoch = ceil(N / (G * W * (B - k)))` optimizer steps
-(the last one may give some chains fewer or no new samples), which is what the trainer counts per epoch for
+chain `(g, w)` takes the new samples `perm[start : start + B - k]` with `start = (s * G * W + g * W + w) * (B - k)` of
+the epoch's permutation. An epoch therefore takes `steps_per_epoch = ceil(N / (G * W * (B - k)))` optimizer steps (the
+last one may give some chains fewer or no new samples), which is what the trainer counts per epoch for
 `num_train_epochs`. Every sample is seen twice per epoch (new, then re-used one step later), so an epoch costs about
-twice the forward/backward compute of an SFT epoch with the same batch size; with `reuse_fraction = 0.5` an epoch
-has twice as many optimizer steps as SFT with the same `per_device_train_batch_size`. As in DLB, the cache is carried
-across epoch boundaries: the re-used samples of an epoch's first step are the last step's new samples of the epoch
-before (only the very first step of training has none).
+twice the forward/backward compute of an SFT epoch with the same batch size; with `dynsdpb_reuse_fraction = 0.5` an
+epoch has twice as many optimizer steps as SFT with the same `per_device_train_batch_size`. As in DLB, the cache is
+carried across epoch boundaries: the re-used samples of an epoch's first step are the last step's new samples of the
+epoch before (only the very first step of training has none).
 
 **Processes.** The sampler is rank-aware: each process builds its own and it yields only that process's
 micro-batches, so the trainer makes accelerate's `BatchSamplerShard` a passthrough (as transformers does for its
@@ -35,15 +35,18 @@ import torch
 def reuse_count_for(batch_size: int, reuse_fraction: float) -> int:
     """Re-used samples per micro-batch, `k = round(batch_size * reuse_fraction)`, validated against the batch size."""
     if not math.isfinite(reuse_fraction):
-        raise ValueError(f"reuse_fraction={reuse_fraction} is not a number: use a value in (0, 0.5], e.g. 0.5.")
+        raise ValueError(
+            f"dynsdpb_reuse_fraction={reuse_fraction} is not a number: use a value in (0, 0.5], e.g. 0.5."
+        )
     reuse = round(batch_size * reuse_fraction)
     # The previous step of a chain had only `batch_size - reuse` new samples, so more cannot be re-used.
     if reuse < 1 or reuse > batch_size - reuse:
         raise ValueError(
-            f"per_device_train_batch_size={batch_size} with reuse_fraction={reuse_fraction} gives {reuse} re-used "
-            f"samples per batch, but DynSDPB needs 1 <= re-used <= new (= batch size - re-used; a batch of 1 can "
-            "never re-use). Use per_device_train_batch_size >= 2 and a reuse_fraction in (0, 0.5] that keeps at "
-            "least one sample, e.g. per_device_train_batch_size=8 with reuse_fraction=0.5 (4 re-used + 4 new)."
+            f"per_device_train_batch_size={batch_size} with dynsdpb_reuse_fraction={reuse_fraction} gives {reuse} "
+            "re-used samples per batch, but DynSDPB needs 1 <= re-used <= new (= batch size - re-used; a batch of 1 "
+            "can never re-use). Use per_device_train_batch_size >= 2 and a dynsdpb_reuse_fraction in (0, 0.5] that "
+            "keeps at least one sample, e.g. per_device_train_batch_size=8 with dynsdpb_reuse_fraction=0.5 (4 re-used "
+            "+ 4 new)."
         )
     return reuse
 

@@ -86,10 +86,10 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
     Trainer for dynamic self-distillation from the previous mini-batch (DynSDPB),
     [Fu et al., 2024](https://huggingface.co/papers/2411.16991), on top of DLB (Shen et al., CVPR 2022).
 
-    Half of each per-device batch (`reuse_fraction`) repeats the samples that were new in the same batch slot one
-    optimizer step earlier; those are distilled towards the logits the model gave them then, with a per-sample weight
-    and temperature that adapt to how certain and how right those predictions were (`distill_mode="dynamic"`, this
-    project's reading of the paper) or are fixed (`"constant"`, DLB). Everything else is [`~trl.SFTTrainer`]: same
+    Half of each per-device batch (`dynsdpb_reuse_fraction`) repeats the samples that were new in the same batch slot
+    one optimizer step earlier; those are distilled towards the logits the model gave them then, with a per-sample
+    weight and temperature that adapt to how certain and how right those predictions were (`dynsdpb_mode="dynamic"`,
+    this project's reading of the paper) or are fixed (`"constant"`, DLB). Everything else is [`~trl.SFTTrainer`]: same
     arguments, LoRA, QLoRA (`quantization_config`) and full fine-tuning. Evaluation uses the plain SFT loss.
 
     The weighting rule is [`~DynSDPBTrainer.distillation_weights`]: override it in a subclass to try another.
@@ -129,7 +129,9 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         output_layer_is_trained = self._validate_model()
         add_distillation_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         # A frozen output layer turns the same hidden states into the same logits one step later: cache the former.
-        self.teacher_cache = TeacherCache(getattr(torch, args.teacher_cache_dtype), not output_layer_is_trained)
+        self.teacher_cache = TeacherCache(
+            getattr(torch, args.dynsdpb_teacher_cache_dtype), not output_layer_is_trained
+        )
         self._step_sums: tuple[int, dict[str, list[float]]] = (-1, {})  # step, name -> [sum, weight] (metrics)
         self._teacher_cache_to_restore: tuple[str, dict] | None = None  # (file, state), read by `train` on resume
         # An overridden weighting rule is tried now, on two made-up samples, rather than at the second step.
@@ -240,8 +242,8 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         `"dynamic"` (default, this project's reading of Fu et al.): `alpha * d_i * (1 - u_i)` and `T * (1 + u_i)`;
         `"constant"` (DLB): `alpha` and `T`. Override in a subclass to try another rule.
         """
-        rule = DISTILL_MODES[self.args.distill_mode]
-        return rule(stats, self.args.distill_alpha, self.args.distill_temperature)
+        rule = DISTILL_MODES[self.args.dynsdpb_mode]
+        return rule(stats, self.args.dynsdpb_alpha, self.args.dynsdpb_temperature)
 
     def _checked_weights(self, stats: SampleStatistics) -> tuple[torch.Tensor, torch.Tensor]:
         """`distillation_weights(stats)`, refused unless it gives one `alpha_i` and one `T_i > 0` per sample."""
@@ -313,7 +315,7 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
             kl_weight=alphas.float().repeat_interleave(token_counts),
             temperature=temperatures.float().repeat_interleave(token_counts),
             returned_rows=~torch.tensor(rows.reused, dtype=torch.bool, device=device),
-            chunk_size=self.args.loss_chunk_size,
+            chunk_size=self.args.dynsdpb_loss_chunk_size,
             returned_logits_dtype=None if self.teacher_cache.holds_hidden_states else self.teacher_cache.dtype,
         )
         return inputs, torch.stack([statistics[:, 0], statistics[:, 1], alphas.float(), temperatures.float()], 1)
@@ -429,8 +431,8 @@ class DynSDPBTrainer(MethodModelCard, SFTTrainer):
         raise FloatingPointError(
             f"Training stopped at step {self.state.global_step + 1}, before its update: {what} (last micro-batch: "
             f"cross-entropy {ce:.4g}, distillation term {distill:.4g}, {int(distilled)} re-used samples"
-            f"{' with mean ' + means if distilled else ''}; distill_mode={self.args.distill_mode!r}, "
-            f"distill_alpha={self.args.distill_alpha}, distill_temperature={self.args.distill_temperature}). The "
+            f"{' with mean ' + means if distilled else ''}; dynsdpb_mode={self.args.dynsdpb_mode!r}, "
+            f"dynsdpb_alpha={self.args.dynsdpb_alpha}, dynsdpb_temperature={self.args.dynsdpb_temperature}). The "
             "weights are those of the previous step. A tiny temperature or a huge weight overflows the distillation "
             "term: use values nearer DLB's defaults (alpha 1, temperature 3), or load the model in higher precision."
         )

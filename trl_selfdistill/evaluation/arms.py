@@ -53,7 +53,7 @@ class Arm:
 
 
 # The paper's SDFT, whatever the shared config says of the follow-up options (own answers, lowest NLL).
-PAPER_SDFT = {"distill_candidates": ["rewrite"], "distill_selection": "first"}
+PAPER_SDFT = {"sdft_candidates": ["rewrite"], "sdft_selection": "first"}
 
 ARMS: dict[str, Arm] = {
     arm.name: arm
@@ -65,7 +65,7 @@ ARMS: dict[str, Arm] = {
             "SDFT, own answer first",
             SDFTTrainer,
             SDFTConfig,
-            {"distill_candidates": ["own_answer", "rewrite"]},
+            {"sdft_candidates": ["own_answer", "rewrite"]},
             beside="sdft",
         ),
         Arm(
@@ -73,11 +73,11 @@ ARMS: dict[str, Arm] = {
             "SDFT, least surprising target",
             SDFTTrainer,
             SDFTConfig,
-            {"distill_candidates": ["own_answer", "rewrite"], "distill_selection": "lowest_nll"},
+            {"sdft_candidates": ["own_answer", "rewrite"], "sdft_selection": "lowest_nll"},
             beside="sdft",
         ),
-        Arm("dynsdpb", "DynSDPB (dynamic)", DynSDPBTrainer, DynSDPBConfig, {"distill_mode": "dynamic"}),
-        Arm("dlb", "DynSDPB (constant, DLB)", DynSDPBTrainer, DynSDPBConfig, {"distill_mode": "constant"}),
+        Arm("dynsdpb", "DynSDPB (dynamic)", DynSDPBTrainer, DynSDPBConfig, {"dynsdpb_mode": "dynamic"}),
+        Arm("dlb", "DynSDPB (constant, DLB)", DynSDPBTrainer, DynSDPBConfig, {"dynsdpb_mode": "constant"}),
         Arm("sdft_dynsdpb", "SDFT data + DynSDPB loss", SDFTDynSDPBTrainer, SDFTDynSDPBConfig),
     )
 }
@@ -88,7 +88,7 @@ rewrite, else the reference); `sdft_lowest_nll` on the passing candidate (own an
 model finds least surprising. Both need a checker other than `none`, and are compared with `sdft` as well as with SFT.
 """
 DEFAULT_ARMS = ["sft", "sdft", "dynsdpb", "dlb", "sdft_dynsdpb"]
-"""The arms trained when none are named: those that run with any `distill_checker` (the own-answer ones need one)."""
+"""The arms trained when none are named: those that run with any `sdft_checker` (the own-answer ones need one)."""
 
 
 def check_arms(names: list[str]) -> list[str]:
@@ -130,7 +130,7 @@ _UNRECORDED_FIELDS = {
     "save_steps",
     "save_total_limit",
     "overwrite_output_dir",
-    "distill_cache_dir",
+    "sdft_cache_dir",
     "dataloader_num_workers",
 }
 

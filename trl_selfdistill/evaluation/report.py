@@ -155,7 +155,7 @@ def recorded_training_settings(records: dict[str, dict[int, dict[str, Any]]]) ->
     A setting that differs between arms other than by the arm's own definition (its DynSDPB mode, its seed) means
     results of different runs were mixed: refused, naming the setting.
     """
-    arm_specific = {"seed", "distill_mode"}
+    arm_specific = {"seed", "dynsdpb_mode"}
     merged: dict[str, Any] = {}
     for arm, by_seed in records.items():
         for seed, record in by_seed.items():
@@ -183,12 +183,12 @@ _SHARED_KEYS = (
     "train_dataset",
     "peft_config",
     "quantization_config",
-    "distill_template",
-    "distill_checker",
-    "distill_generation_kwargs",
-    "distill_alpha",
-    "distill_temperature",
-    "reuse_fraction",
+    "sdft_template",
+    "sdft_checker",
+    "sdft_generation_kwargs",
+    "dynsdpb_alpha",
+    "dynsdpb_temperature",
+    "dynsdpb_reuse_fraction",
 )
 
 

@@ -327,7 +327,7 @@ class JSONClient:
                 f"The server at {self.url} answered {method} {path} with a redirect (HTTP {status}) to "
                 f"{response.headers.get('Location')!r:.300}, which is not followed: the answer would come from "
                 "another server, and a POST would arrive there as a GET without its prompt. Give the engine the URL "
-                "of the server itself (`distill_server_url`)."
+                "of the server itself (`sdft_server_url`)."
             )
         if not 200 <= status < 300:
             detail = _read_body(response, _DETAIL_BYTES, cut=True).decode("utf-8", errors="replace")

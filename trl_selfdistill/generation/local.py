@@ -216,7 +216,7 @@ def unquantized_seed_model(model: PreTrainedModel) -> PreTrainedModel | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantization = getattr(base.config, "quantization_config", None)
     if quantization is None:
-        logger.warning("`distill_unquantized_seed=True` has no effect: the model is not quantized.")
+        logger.warning("`sdft_unquantized_seed=True` has no effect: the model is not quantized.")
         return None
     compute_dtype = getattr(quantization, "bnb_4bit_compute_dtype", None) or base.dtype
     if isinstance(quantization, dict):

@@ -42,7 +42,7 @@ def completion_fields(decoding: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"The server engine cannot send the decoding option(s) {unsupported}: a completions server takes only "
             f"{sorted(_SUPPORTED)}. Remove them from "
-            "`distill_generation_kwargs`, or use `distill_engine='transformers'`."
+            "`sdft_generation_kwargs`, or use `sdft_engine='transformers'`."
         )
     sampling = bool(decoding.get("do_sample", False))
     fields = {}
@@ -59,7 +59,7 @@ def completion_fields(decoding: Mapping[str, Any]) -> dict[str, Any]:
 def check_server_settings(
     url: str, concurrency: int, timeout: float, max_retries: int, backoff: float = 1.0, *, prefix: str = ""
 ) -> None:
-    """The server engine's settings, refused with their names (`prefix` + name, e.g. `distill_server_timeout`)."""
+    """The server engine's settings, refused with their names (`prefix` + name, e.g. `sdft_server_timeout`)."""
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
         raise ValueError(
             f"`{prefix}url` must be an http(s) URL with a host, e.g. 'http://localhost:8000', got {url!r}."
@@ -152,7 +152,7 @@ class ServerEngine:
         if self.model not in served:
             raise ServerError(
                 f"The server at {self.url} serves {served}, not the seed model {self.model!r}. Start it with the seed "
-                "model, or, if it is the seed model deployed under another name, set `distill_server_model` to that "
+                "model, or, if it is the seed model deployed under another name, set `sdft_server_model` to that "
                 "name."
             )
         self._complete("Hello", probe, retries=retries)

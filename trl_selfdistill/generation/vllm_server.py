@@ -7,7 +7,7 @@ with that environment's interpreter:
 from trl_selfdistill.generation.vllm_server import VLLMServer
 
 with VLLMServer("/path/to/seed-model", python="/opt/vllm-env/bin/python", served_model_name="seed") as server:
-    args = SDFTConfig(..., distill_engine="server", distill_server_url=server.url, distill_server_model="seed")
+    args = SDFTConfig(..., sdft_engine="server", sdft_server_url=server.url, sdft_server_model="seed")
 ```
 """
 

@@ -25,7 +25,7 @@ _SDFT_COUNTS = {
     "dropped_by_max_length": "rows that SFT's `max_length` then dropped, none of their trained tokens left",
 }
 
-# With `distill_candidates` / `distill_selection` other than the paper's: what the targets came from.
+# With `sdft_candidates` / `sdft_selection` other than the paper's: what the targets came from.
 _TARGET_COUNTS = {
     "accepted": "targets the seed model generated (own answers or rewrites) that passed every check and replaced the "
     "reference response",

@@ -4,7 +4,7 @@ SDFT (Self-Distillation Fine-Tuning; Yang et al., ACL 2024, arXiv 2402.13669) ke
 rewrite of a reference response only if it passes these rules, and otherwise falls back to the
 reference. The rules reproduce the official code (``eval/gen_distilled_data.py``, ``eval/utils.py``,
 ``eval/eval_math.py``, ``eval/eval_openfunction.py``, ``eval/eval_magicoder.py`` of sail-sg/sdft); the
-README's `distill_checker` entry summarises them.
+README's `sdft_checker` entry summarises them.
 
 A checker is a callable ``(rewrite, reference, row) -> bool`` where True means "keep the rewrite". The
 banned-phrase rule is applied to every dataset on top of the checker (see :func:`rejection_reason`).

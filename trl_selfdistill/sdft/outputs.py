@@ -5,7 +5,7 @@
 - `distillation_rows.jsonl`: one line per response: `row`, `turn` (-1 for a completion string), `rewrite` (null when
   the response was skipped), `accepted`, `reason` (null when accepted), `truncated` (the rewrite stopped at
   `max_new_tokens`), and from SDFTTrainer `sft_truncated` / `sft_dropped` (its row was cut or dropped by `max_length`).
-  With other `distill_candidates` / `distill_selection` than the default, also `target` (`own_answer`, `rewrite`,
+  With other `sdft_candidates` / `sdft_selection` than the default, also `target` (`own_answer`, `rewrite`,
   `reference`; null when skipped) and `candidates` (each candidate's `kind`, `text`, `accepted`, `reason`, `truncated`,
   `seed_nll`); `rewrite` and `truncated` stay those of the SDFT rewrite, `accepted` means "not the reference".
 """

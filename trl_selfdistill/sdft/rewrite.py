@@ -88,7 +88,7 @@ def build_engine(
         return engine
     if engine == "server":
         if not server_url:
-            raise ValueError("`distill_engine='server'` needs `distill_server_url`, e.g. 'http://localhost:8000'.")
+            raise ValueError("`sdft_engine='server'` needs `sdft_server_url`, e.g. 'http://localhost:8000'.")
         if model is None and not server_model:
             raise ValueError("The server engine needs the seed model's name: pass `model` (a name) or `server_model`.")
         return ServerEngine(server_url, server_model or model_name(model), tokenizer, **(server_options or {}))
@@ -96,19 +96,19 @@ def build_engine(
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model), dtype="auto")
         return TransformersEngine(model, tokenizer, batch_size or "auto", compile=compile)
-    raise ValueError(f"Unknown `distill_engine` {engine!r}: use one of {list(ENGINES)}.")
+    raise ValueError(f"Unknown `sdft_engine` {engine!r}: use one of {list(ENGINES)}.")
 
 
 def engine_from_config(args: SDFTConfig, model: PreTrainedModel | str, tokenizer) -> RewriteEngine:
     """The engine an [`SDFTConfig`] asks for: in process with `model`, or on the server."""
-    if args.distill_engine == "server":
+    if args.sdft_engine == "server":
         return build_engine(
-            "server", model, tokenizer, server_url=args.distill_server_url, server_model=args.distill_server_model,
+            "server", model, tokenizer, server_url=args.sdft_server_url, server_model=args.sdft_server_model,
             server_options=args.server_options,
         )  # fmt: skip
-    return build_engine(
-        args.distill_engine, model, tokenizer, batch_size=args.distill_batch_size, compile=args.distill_compile
-    )
+    # `sdft_batch_size=None` is the in-process engine's "auto": sized from free memory.
+    batch_size = "auto" if args.sdft_batch_size is None else args.sdft_batch_size
+    return build_engine(args.sdft_engine, model, tokenizer, batch_size=batch_size, compile=args.sdft_compile)
 
 
 def distill_dataset(
@@ -135,7 +135,7 @@ def distill_dataset(
         dataset: prompt-completion (standard or conversational) or conversational `messages`.
         spec: the prompt, checker and decoding ([`DistillSpec`]); or give `template`, `template_mode`, `checker`,
             `generation_kwargs`, `keep_truncated`, `candidates`, `selection` as keyword arguments (see
-            [`SDFTConfig`]'s `distill_*` fields).
+            [`SDFTConfig`]'s `sdft_*` fields).
         engine: `"transformers"` (in process), `"server"` (an OpenAI-compatible server at `server_url`, serving the
             model named `server_model`, by default the seed model's name), or a [`RewriteEngine`].
         batch_size: prompts per `generate` call of the in-process engine built here, or `"auto"` (the default);
@@ -274,7 +274,7 @@ def _check_scoring_engine(spec: DistillSpec, engine: str | RewriteEngine) -> Non
     raise ValueError(
         f"`selection='lowest_nll'` ranks the candidates by the seed model's likelihoods, which {name} does not give "
         "here (a server returns text only). Use the in-process engine (`engine='transformers'`, "
-        "`distill_engine='transformers'` in the config), or `selection='first'`."
+        "`sdft_engine='transformers'` in the config), or `selection='first'`."
     )
 
 
@@ -312,7 +312,7 @@ def _candidate(
     kind: str, record: Mapping[str, Any], target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache
 ) -> dict[str, Any]:
     """A generated candidate judged: cut at `max_new_tokens` (unless kept), then the acceptance rules."""
-    truncated = _was_cut(record)
+    truncated = record["truncated"]
     reason = "truncated" if truncated and not spec.keep_truncated else None
     reason = reason or _judge(record["rewrite"], target, dataset, spec, cache, kind)
     return {"kind": kind, "text": record["rewrite"], "truncated": truncated, "reason": reason}
@@ -455,7 +455,7 @@ def _screen(
             raise ValueError(
                 f"No rewrite prompt fits in the model's {position_limit} positions with max_new_tokens="
                 f"{max_new_tokens} (the shortest prompt has {min(token_counts.values())} tokens). Lower "
-                "`max_new_tokens` in `distill_generation_kwargs`."
+                "`max_new_tokens` in `sdft_generation_kwargs`."
             )
         targets = [replace(t, skip="too_long") if i in token_counts and i not in fits else t
                    for i, t in enumerate(targets)]  # fmt: skip
@@ -473,13 +473,6 @@ def _tokenizer_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The positions the tokenizer says the model has, for engines that do not know (a server that does not say)."""
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if limit and limit < 10**8 else None  # transformers writes a huge number for "unknown"
-
-
-def _was_cut(record: Mapping[str, Any]) -> bool:
-    """The rewrite stopped at `max_new_tokens`, not at an end token (caches older than the flag: a cut character)."""
-    if "truncated" in record:
-        return bool(record["truncated"])
-    return record["rewrite"].endswith("\ufffd")
 
 
 def _warn_skipped(targets: list[RewriteTarget]) -> None:

@@ -74,10 +74,10 @@ class SDFTRewriteMixin:
                 )
         if processing_class is not None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            check_renderable(tokenizer, args.distill_template_mode)
-            if args.distill_engine == "server":  # the server answers and serves the seed model, before any loading
+            check_renderable(tokenizer, args.sdft_template_mode)
+            if args.sdft_engine == "server":  # the server answers and serves the seed model, before any loading
                 self._server_engine = engine_from_config(args, model, tokenizer)
-                self._server_engine.check(args.distill_spec.decoding)
+                self._server_engine.check(args.sdft_spec.decoding)
 
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
@@ -124,25 +124,25 @@ class SDFTRewriteMixin:
                 "`dataset_kwargs={'skip_prepare_dataset': True}` means the dataset is already tokenized, so SDFT "
                 "cannot rewrite it. Pass an untokenized prompt-completion or `messages` dataset."
             )
-        if shards_parameters(args) and args.distill_engine != "server":
+        if shards_parameters(args) and args.sdft_engine != "server":
             # Sharded parameters need every rank in every forward, but each rank generates its own share of rows.
             raise ValueError(
                 "SDFTTrainer cannot rewrite in process under DeepSpeed ZeRO-3 or FSDP. Rewrite on a server "
-                "(`distill_engine='server'`, which needs no local weights), or run the rewrite first with "
+                "(`sdft_engine='server'`, which needs no local weights), or run the rewrite first with "
                 "`trl_selfdistill.distill_dataset` (one process or plain data parallel), then train `SFTTrainer` on "
                 "the distilled dataset with your sharded setup."
             )
         check_liger_kernel(args)
-        if args.distill_engine == "server":
-            completion_fields(args.distill_spec.decoding)
+        if args.sdft_engine == "server":
+            completion_fields(args.sdft_spec.decoding)
         return collect_targets(train_dataset)
 
     def _rewrite(self, train_dataset: Dataset):
         """The seed model rewrites the training set: on the server, with the unquantized weights, or in process."""
         args = self.args
         model = self.accelerator.unwrap_model(self.model)
-        in_process = args.distill_engine == "transformers"
-        seed_model = unquantized_seed_model(model) if in_process and args.distill_unquantized_seed else None
+        in_process = args.sdft_engine == "transformers"
+        seed_model = unquantized_seed_model(model) if in_process and args.sdft_unquantized_seed else None
         engine = self._server_engine or engine_from_config(args, seed_model or model, self._tokenizer)
         try:
             return distill_with_engine(
@@ -150,9 +150,9 @@ class SDFTRewriteMixin:
                 self._tokenizer,
                 train_dataset,
                 self._distill_targets,
-                args.distill_spec,
+                args.sdft_spec,
                 seed=args.seed,
-                cache_dir=args.distill_cache_dir,
+                cache_dir=args.sdft_cache_dir,
                 show_progress=not args.disable_tqdm,
             )
         finally:

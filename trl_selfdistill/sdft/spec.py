@@ -55,23 +55,23 @@ def resolve_decoding(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     owned = sorted(key for key in decoding if key in ENGINE_OWNED_KEYS)
     if owned:
         raise ValueError(
-            f"`distill_generation_kwargs` sets {owned}, which the rewrite engine sets itself (one completion per "
-            "prompt, padding and cache handled by the engine). Remove them from `distill_generation_kwargs`."
+            f"`sdft_generation_kwargs` sets {owned}, which the rewrite engine sets itself (one completion per "
+            "prompt, padding and cache handled by the engine). Remove them from `sdft_generation_kwargs`."
         )
     known = GenerationConfig().to_dict()
     unknown = sorted(key for key in decoding if key not in known)
     if unknown:
         raise ValueError(
-            f"Unknown decoding option(s) {unknown} in `distill_generation_kwargs`; use `GenerationConfig` fields "
+            f"Unknown decoding option(s) {unknown} in `sdft_generation_kwargs`; use `GenerationConfig` fields "
             "such as `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`."
         )
     for key, value in decoding.items():
         if value is None:  # unset: GenerationConfig's default
             continue
         if key in _DECODING_RANGES:
-            check_number(f"distill_generation_kwargs.{key}", value, **_DECODING_RANGES[key])
+            check_number(f"sdft_generation_kwargs.{key}", value, **_DECODING_RANGES[key])
         elif key in _DECODING_FLAGS:
-            check_bool(f"distill_generation_kwargs.{key}", value, hint="Write the JSON literal, not a string.")
+            check_bool(f"sdft_generation_kwargs.{key}", value, hint="Write the JSON literal, not a string.")
     return decoding
 
 
@@ -113,18 +113,18 @@ def resolve_candidates(value: str | Iterable[str] | None) -> tuple[str, ...]:
         names = [name.strip() for item in value for name in item.split(",") if name.strip()]
     except (TypeError, AttributeError):
         raise ValueError(
-            f"`distill_candidates` must be a list of names from {list(CANDIDATES)}, got {value!r}."
+            f"`sdft_candidates` must be a list of names from {list(CANDIDATES)}, got {value!r}."
         ) from None
     unknown = [name for name in names if name not in CANDIDATES]
     if unknown:
         raise ValueError(
-            f"Unknown `distill_candidates` {unknown}: use names from {list(GENERATED_CANDIDATES)} (the reference "
+            f"Unknown `sdft_candidates` {unknown}: use names from {list(GENERATED_CANDIDATES)} (the reference "
             "is always a candidate, as the fallback)."
         )
     chosen = tuple(name for name in GENERATED_CANDIDATES if name in names)
     if not chosen:
         raise ValueError(
-            f"`distill_candidates` must name at least one of {list(GENERATED_CANDIDATES)}, got {names!r}: "
+            f"`sdft_candidates` must name at least one of {list(GENERATED_CANDIDATES)}, got {names!r}: "
             "`'rewrite'` is SDFT's rewrite (the default), `'own_answer'` the seed model's answer to the instruction "
             "alone. The reference is always a candidate; training on it alone is plain SFT."
         )
@@ -166,26 +166,26 @@ class DistillSpec:
         """Resolves a template name (`"auto"` follows the checker), a checker name, the decoding overrides and the
         training-target options (`candidates`, `selection`; see [`SDFTConfig`])."""
         if template_mode not in RENDER_MODES:
-            raise ValueError(f"Unknown distill_template_mode {template_mode!r}; use one of {list(RENDER_MODES)}.")
+            raise ValueError(f"Unknown sdft_template_mode {template_mode!r}; use one of {list(RENDER_MODES)}.")
         if not isinstance(keep_truncated, bool):
             raise ValueError(
-                f"`distill_keep_truncated` must be True or False, got {keep_truncated!r}: True accepts rewrites cut "
+                f"`sdft_keep_truncated` must be True or False, got {keep_truncated!r}: True accepts rewrites cut "
                 "at `max_new_tokens`, False (the default) falls back to the reference for them."
             )
         checker_name = checker if isinstance(checker, str) else getattr(checker, "__name__", "custom")
         candidates = resolve_candidates(candidates)
         if selection not in SELECTIONS:
             raise ValueError(
-                f"Unknown `distill_selection` {selection!r}: use 'first' (the first candidate that passes, in the "
+                f"Unknown `sdft_selection` {selection!r}: use 'first' (the first candidate that passes, in the "
                 "order own_answer, rewrite, reference) or 'lowest_nll' (the passing candidate the seed model finds "
                 "least surprising)."
             )
         resolved_checker = get_checker(checker)
         if "own_answer" in candidates and resolved_checker is accept_all:
             raise ValueError(
-                "`distill_candidates` with 'own_answer' needs a checker that tells a right answer from a wrong one, "
-                f"but `distill_checker` is {checker_name!r}, which accepts every answer: the seed model's own answers "
-                "would replace the references whatever they say. Set `distill_checker` to 'math', 'function_call', "
+                "`sdft_candidates` with 'own_answer' needs a checker that tells a right answer from a wrong one, "
+                f"but `sdft_checker` is {checker_name!r}, which accepts every answer: the seed model's own answers "
+                "would replace the references whatever they say. Set `sdft_checker` to 'math', 'function_call', "
                 "'code' or a callable `(answer, reference, row) -> bool`."
             )
         return cls(
@@ -202,13 +202,13 @@ class DistillSpec:
     @classmethod
     def from_config(cls, args: SDFTConfig) -> DistillSpec:
         return cls.create(
-            args.distill_template,
-            args.distill_template_mode,
-            args.distill_checker,
-            args.distill_generation_kwargs,
-            args.distill_keep_truncated,
-            args.distill_candidates,
-            args.distill_selection,
+            args.sdft_template,
+            args.sdft_template_mode,
+            args.sdft_checker,
+            args.sdft_generation_kwargs,
+            args.sdft_keep_truncated,
+            args.sdft_candidates,
+            args.sdft_selection,
         )
 
     def render(self, instruction: str, reference: str, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -5,7 +5,7 @@ rewrite each reference response in its own words. The built-in templates are the
 the paper's code (sail-sg/sdft, ``src/llmtuner/data/template.py`` of its ``reproduce`` branch; ``main``
 has the same texts in ``main.py``: ``alpaca_distill_using`` for general data, ``alpaca_distill_refer`` for
 code and function calling, ``gsm8k_distill`` for math); the README's
-`distill_template` entry summarises them.
+`sdft_template` entry summarises them.
 
 Two renderings:
 
@@ -148,11 +148,11 @@ def resolve_template(spec: str | DistillTemplate, checker_name: str | None = Non
 def check_renderable(tokenizer: PreTrainedTokenizerBase | None, mode: str) -> None:
     """Raise ``ValueError`` if prompts cannot be rendered in ``mode`` with ``tokenizer``."""
     if mode not in RENDER_MODES:
-        raise ValueError(f"Unknown distill_template_mode {mode!r}; use one of {list(RENDER_MODES)}.")
+        raise ValueError(f"Unknown sdft_template_mode {mode!r}; use one of {list(RENDER_MODES)}.")
     if mode == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
-            "distill_template_mode='chat' needs a tokenizer with a chat template, and this tokenizer has none. "
-            "Set `tokenizer.chat_template` (or pass `chat_template_path`), or use distill_template_mode='raw' "
+            "sdft_template_mode='chat' needs a tokenizer with a chat template, and this tokenizer has none. "
+            "Set `tokenizer.chat_template` (or pass `chat_template_path`), or use sdft_template_mode='raw' "
             "to render the paper's raw Llama-2-chat prompt strings."
         )
 

@@ -38,7 +38,7 @@ class SDFTTrainer(SDFTRewriteMixin, MethodModelCard, SFTTrainer):
     ```python
     from trl_selfdistill import SDFTConfig, SDFTTrainer
 
-    args = SDFTConfig(output_dir="out", distill_template="gsm8k", distill_checker="math")
+    args = SDFTConfig(output_dir="out", sdft_template="gsm8k", sdft_checker="math")
     trainer = SDFTTrainer(model="meta-llama/Llama-2-7b-chat-hf", args=args, train_dataset=dataset)
     trainer.train()
     ```
