@@ -58,39 +58,55 @@ class TransformersServe:
             self.process.wait(timeout=30)
 
 
-class BrokenServer:
-    """Lists `model` on /v1/models, then answers every completion with `status` and `body` (counted in `calls`)."""
+class JSONHandler(BaseHTTPRequestHandler):
+    """A request handler that answers JSON bytes and logs nothing."""
 
-    def __init__(self, model: str, status: int, body: bytes):
-        self.calls = 0
-        owner = self
+    def send_json(self, code: int, payload: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                self._send(200, json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode())
+    def log_message(self, *args):  # quiet
+        pass
 
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                owner.calls += 1
-                self._send(status, body)
 
-            def _send(self, code: int, payload: bytes):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+class LocalServer:
+    """A threaded HTTP server on a free port of 127.0.0.1, serving `handler` in the background until `close`."""
 
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def model_list(model: str) -> bytes:
+    """`/v1/models` as OpenAI-compatible servers answer it, listing `model`."""
+    return json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode()
+
+
+class BrokenServer(LocalServer):
+    """Lists `model` on /v1/models, then answers every completion with `status` and `body` (counted in `calls`)."""
+
+    def __init__(self, model: str, status: int, body: bytes):
+        self.calls = 0
+        owner = self
+
+        class Handler(JSONHandler):
+            def do_GET(self):
+                self.send_json(200, model_list(model))
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.calls += 1
+                self.send_json(status, body)
+
+        super().__init__(Handler)
 
 
 def vllm_python() -> str | None:
@@ -112,7 +128,7 @@ def vllm_server(python: str, model_dir: str, served_name: str, log_path: Path) -
                       log_path=log_path)  # fmt: skip
 
 
-class CountingProxy:
+class CountingProxy(LocalServer):
     """Forwards every request to `upstream` unchanged and counts them by method and path (`counts["POST /v1/..."]`);
     `max_in_flight` is the most requests it had open at once."""
 
@@ -122,7 +138,7 @@ class CountingProxy:
         lock = threading.Lock()
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_GET(self):
                 self._forward(None)
 
@@ -144,25 +160,12 @@ class CountingProxy:
                 finally:
                     with lock:
                         owner.in_flight -= 1
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.send_json(status, payload)
 
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
-class TimedServer:
+class TimedServer(LocalServer):
     """An OpenAI-compatible completions server that answers `text` after `delay(prompt)` seconds, and records when
     each prompt's request started and ended (`log`, in monotonic seconds)."""
 
@@ -170,9 +173,9 @@ class TimedServer:
         self.log: dict[str, tuple[float, float]] = {}
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_GET(self):
-                self._send(json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode())
+                self.send_json(200, model_list(model))
 
             def do_POST(self):
                 prompt = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["prompt"]
@@ -180,22 +183,7 @@ class TimedServer:
                 time.sleep(delay(prompt))
                 owner.log[prompt] = (started, time.monotonic())
                 choice = {"index": 0, "text": text, "finish_reason": "stop"}
-                self._send(json.dumps({"object": "text_completion", "model": model, "choices": [choice]}).encode())
+                answer = {"object": "text_completion", "model": model, "choices": [choice]}
+                self.send_json(200, json.dumps(answer).encode())
 
-            def _send(self, payload: bytes):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
