@@ -89,6 +89,16 @@ def numbered(prompts: list[str], seeds: list[int]) -> list[Prompt]:
     return [Prompt(index, text, seed) for index, (text, seed) in enumerate(zip(prompts, seeds, strict=True))]
 
 
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Every special token's text (`<|im_end|>`, `</s>`, added special tokens), longest first.
+
+    Such text in a prompt or a training target is encoded as the real token; longest first, so that a search names the
+    whole token rather than a special token it contains.
+    """
+    added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)
+
+
 def bos_added_on_encoding(tokenizer: PreTrainedTokenizerBase | None) -> str:
     """The BOS token text if the tokenizer puts one in front when encoding with special tokens, else `""`.
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from transformers import PreTrainedTokenizerBase
 
 from ..validation import check_number
-from .base import Completion, Prompt, bos_added_on_encoding, numbered
+from .base import Completion, Prompt, bos_added_on_encoding, numbered, special_token_texts
 from .http import BadAnswer, JSONClient, ServerError  # ServerError is imported from here too
 
 # `generate` options the engine translates into completion fields: OpenAI's, then vLLM's and SGLang's extensions.
@@ -122,9 +122,7 @@ class ServerEngine:
         # Answers are counted with a copy of our own, one thread at a time: calls on one fast tokenizer from several
         # threads at once can fail ("Already borrowed").
         self._tokenizer, self._tokenizer_lock = copy.deepcopy(tokenizer), threading.Lock()
-        # What `_screen` in `sdft/rewrite.py` keeps out of prompts; longest first, so the error names the whole token.
-        added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
-        self._specials = sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)
+        self._specials = special_token_texts(tokenizer)  # what the rewrite also keeps out of its prompts
         # JSON may escape a byte as 6 characters (`\u00XX`); no token is longer than the longest in the vocabulary.
         self._bytes_per_token = 6 * max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=16)
         self._client = JSONClient(self.url, concurrency, timeout, max_retries, backoff)

@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .. import claims as claim_files
 from ..cache import RowCache, fingerprint
 from ..generation import Prompt, RewriteEngine, ServerEngine, TransformersEngine
+from ..generation.base import special_token_texts
 from ..models import resolve_model_name
 from ..paths import default_cache_dir
 from .checkers import rejection_reason
@@ -431,8 +432,7 @@ def _screen(
       prompt it would become the real token and end a turn early, so the seed model would answer something else.
     - `too_long`: the prompt (the longest of its kinds) and `max_new_tokens` do not fit in the model's positions.
     """
-    specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values()
-                                                          if t.special)} - {""}, key=len)  # fmt: skip
+    specials = special_token_texts(tokenizer)
     targets = [
         replace(t, skip="special_tokens") if t.skip is None and _holds_any(specials, t.instruction, t.reference) else t
         for t in targets
