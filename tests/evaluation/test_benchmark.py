@@ -289,6 +289,10 @@ def test_the_own_answer_arms_are_compared_with_sdft(tmp_path, tiny_model_dir):
     assert sum(distillation[f"target_{kind}"] for kind in ("own_answer", "rewrite", "reference")) == 8
     assert "target_own_answer" not in arm_record(arm_dir(config.output_dir, "sdft", 3))["distillation"]
     assert "target_own_answer" in report["distribution_gap"]["sdft_own_answer"]["3"]
+    # the share of rewrites kept is SDFT's own: the arms that choose count own answers as accepted too
+    sdft_gap = report["distribution_gap"]["sdft"]["3"]
+    assert report["targets"]["rewrites_accepted"]["arms"] == ["sdft"]
+    assert report["targets"]["rewrites_accepted"]["lowest_share"] == sdft_gap["accepted"] / sdft_gap["total"]
     table = open(os.path.join(config.output_dir, REPORT_MARKDOWN)).read()
     assert "Difference from SDFT," in table and "| SDFT, own answer first | 3 |" in table
 

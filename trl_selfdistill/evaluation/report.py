@@ -119,7 +119,8 @@ def task_targets(report: dict[str, Any], task_probe: str) -> dict[str, Any]:
 
     - the seed model's task score lies within [10 %, 70 %];
     - every trained arm beats the seed model on the task by more than two standard errors (paired difference);
-    - the SDFT rewrite kept at least 80 % of the rewrites, in every seed.
+    - the SDFT rewrite kept at least 80 % of the rewrites, in every seed of every arm that trains on rewrites alone
+      (the arms that choose among candidates accept own answers too, so their share is another number).
     """
     seed_score = report["scores"][SEED_MODEL][task_probe]["mean"]
     checks: dict[str, Any] = {
@@ -135,18 +136,26 @@ def task_targets(report: dict[str, Any], task_probe: str) -> dict[str, Any]:
         ratio = gain["mean"] / gain["standard_error"] if gain["standard_error"] > 0 else math.inf * gain["mean"]
         gains[arm] = {"gain": gain["mean"], "standard_errors": ratio, "met": ratio > TASK_TARGETS["standard_errors"]}
     checks["every_arm_learns"] = {"arms": gains, "met": all(g["met"] for g in gains.values())}
+    # SDFT's rewrites only: an arm that chooses among candidates counts own answers as accepted, references as not
     shares = {
-        arm: [gap["accepted"] / gap["total"] for gap in by_seed.values() if gap.get("total")]
+        arm: [gap["accepted"] / gap["total"] for gap in by_seed.values() if gap.get("total") and _rewrites_alone(gap)]
         for arm, by_seed in report["distribution_gap"].items()
     }
+    shares = {arm: values for arm, values in shares.items() if values}
     if shares:
-        lowest = min(min(values) for values in shares.values() if values)
+        lowest = min(min(values) for values in shares.values())
         checks["rewrites_accepted"] = {
+            "arms": sorted(shares),
             "lowest_share": lowest,
             "target": TASK_TARGETS["accepted_share"],
             "met": lowest >= TASK_TARGETS["accepted_share"],
         }
     return checks
+
+
+def _rewrites_alone(gap: dict[str, Any]) -> bool:
+    """Whether a run trained on the paper's SDFT targets: its rewrite where accepted, else the reference."""
+    return gap.get("candidates", ["rewrite"]) == ["rewrite"] and gap.get("selection", "first") == "first"
 
 
 def recorded_training_settings(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -221,7 +230,7 @@ def write_report(
                 str(seed): {
                     **{key: record["distillation"].get(key) for key in _GAP_KEYS},
                     # where the targets came from, for the arms that choose among candidates (own answer, ...)
-                    **{key: record["distillation"][key] for key in _TARGET_KEYS if key in record["distillation"]},
+                    **{key: record["distillation"][key] for key in _CHOICE_KEYS if key in record["distillation"]},
                 }
                 for seed, record in by_seed.items()
             }
@@ -252,8 +261,10 @@ def write_report(
     return report
 
 
-_GAP_KEYS = ("total", "accepted", "seed_nll_reference", "seed_nll_distilled")
+_NLL_KEYS = ("seed_nll_reference", "seed_nll_distilled")
+_GAP_KEYS = ("total", "accepted", *_NLL_KEYS)
 _TARGET_KEYS = ("target_own_answer", "target_rewrite", "target_reference")
+_CHOICE_KEYS = ("candidates", "selection", *_TARGET_KEYS)  # recorded only by the runs that choose among candidates
 
 
 def _lora_settings(peft_config) -> dict[str, Any] | None:
@@ -352,7 +363,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         ]
         for arm, by_seed in report["distribution_gap"].items():
             for seed, gap in by_seed.items():
-                nll = [f"{gap[key]:.3f}" if gap.get(key) is not None else "—" for key in _GAP_KEYS[2:]]
+                nll = [f"{gap[key]:.3f}" if gap.get(key) is not None else "—" for key in _NLL_KEYS]
                 lines.append(
                     f"| {report['labels'][arm]} | {seed} | {gap['accepted']}/{gap['total']} | {nll[0]} | {nll[1]} |"
                 )
@@ -418,9 +429,10 @@ def _targets_lines(report: dict[str, Any]) -> list[str]:
     )
     if "rewrites_accepted" in targets:
         accepted = targets["rewrites_accepted"]
+        arms = ", ".join(report["labels"][arm] for arm in accepted["arms"])
         lines.append(
-            f"- SDFT rewrites accepted, lowest over seeds and arms {100 * accepted['lowest_share']:.1f} %, target at "
-            f"least 80 %: {mark(accepted['met'])}."
+            f"- SDFT rewrites accepted, lowest over seeds and the arms that train on rewrites alone ({arms}) "
+            f"{100 * accepted['lowest_share']:.1f} %, target at least 80 %: {mark(accepted['met'])}."
         )
     return lines
 
