@@ -130,10 +130,11 @@ def vllm_server(python: str, model_dir: str, served_name: str, log_path: Path) -
 
 class CountingProxy(LocalServer):
     """Forwards every request to `upstream` unchanged and counts them by method and path (`counts["POST /v1/..."]`);
-    `max_in_flight` is the most requests it had open at once."""
+    `bodies` are the JSON bodies posted; `max_in_flight` is the most requests it had open at once."""
 
     def __init__(self, upstream: str):
         self.counts: Counter[str] = Counter()
+        self.bodies: list = []
         self.in_flight = self.max_in_flight = 0
         lock = threading.Lock()
         owner = self
@@ -148,6 +149,8 @@ class CountingProxy(LocalServer):
             def _forward(self, body: bytes | None):
                 with lock:
                     owner.counts[f"{self.command} {self.path}"] += 1
+                    if body is not None:
+                        owner.bodies.append(json.loads(body))
                     owner.in_flight += 1
                     owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
                 request = urllib.request.Request(upstream + self.path, data=body, method=self.command,

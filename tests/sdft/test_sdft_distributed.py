@@ -1,4 +1,5 @@
-"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated."""
+"""Under `accelerate launch` with two processes, the rewrite is sharded across ranks and gathered, not repeated; so
+are the least surprising target's candidates and likelihoods."""
 
 from __future__ import annotations
 
@@ -38,3 +39,21 @@ def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_
     )  # fmt: skip
     trained_on = [c.removesuffix(tiny_tokenizer.eos_token) for c in ranks[0]["completions"]]
     assert trained_on == single.dataset["completion"] != dataset["completion"]
+
+    # The least surprising target: the same candidates, likelihoods and choices as one process computes.
+    least = ranks[0]["least_surprising"]
+    alone = distill_dataset(
+        make_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, candidates=["own_answer", "rewrite"],
+        selection="lowest_nll", checker=lambda text, reference, row: True, generation_kwargs={"max_new_tokens": 6},
+        keep_truncated=True, batch_size=2, cache_dir=tmp_path / "single_least_surprising", show_progress=False,
+    )  # fmt: skip
+    assert least["report"]["generated"] == alone.report["generated"] == 2 * 8
+    for key in ("target_own_answer", "target_rewrite", "target_reference"):
+        assert least["report"][key] == alone.report[key]
+    assert least["report"]["seed_nll_distilled"] == pytest.approx(alone.report["seed_nll_distilled"], abs=1e-4)
+    for shared, single in zip(least["rows"], alone.rows, strict=True):
+        assert shared["target"] == single["target"]
+        assert [c["text"] for c in shared["candidates"]] == [c["text"] for c in single["candidates"]]
+        assert [c["seed_nll"] for c in shared["candidates"]] == pytest.approx(
+            [c["seed_nll"] for c in single["candidates"]], abs=1e-4
+        )

@@ -14,8 +14,9 @@ from tiny_models import build_tiny_tokenizer
 
 from trl_selfdistill import distill_dataset
 from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
-from trl_selfdistill.generation import ServerEngine, ServerError
+from trl_selfdistill.generation import ScoringRow, ServerEngine, ServerError
 from trl_selfdistill.generation import http as http_module
+from trl_selfdistill.sdft.rewrite import check_scoring
 from trl_selfdistill.sdft.spec import DistillSpec
 
 DECODING = {"do_sample": False, "max_new_tokens": 32}
@@ -208,3 +209,41 @@ def test_nothing_bad_reaches_the_rewrite_cache(tokenizer, tmp_path):
     files = [path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()]
     assert any(b"A fine rewrite." in content for content in files)  # the good rows were cached ...
     assert not any(b"<|im_start|>" in content for content in files)  # ... and the bad one was not
+
+
+def echoed(token_logprobs) -> Reply:
+    """An echoed completion answer (`echo`, `logprobs: 0`, `max_tokens: 0`) as vLLM sends it."""
+    return Reply(body=completion("", "length", logprobs={"token_logprobs": token_logprobs}))
+
+
+def test_likelihoods_are_read_from_the_echoed_prompt(tokenizer):
+    with HostileServer([echoed([None, -1.0, -2.0, -0.5])]) as server:
+        scoring = engine(server, tokenizer)
+        assert scoring.scoring_unavailable() is None
+        assert scoring.score([ScoringRow([5, 6, 7, 8], 2), ScoringRow([5, 6, 7, 8], 1)]) == [(2.5, 2), (3.5, 3)]
+        probe, *requests = server.posts
+    assert all(r.body["echo"] and r.body["max_tokens"] == 0 and r.body["logprobs"] == 0 for r in server.posts)
+    assert [r.body["prompt"] for r in requests] == [[5, 6, 7, 8]] * 2  # the ids themselves, not re-tokenized text
+    assert len(server.posts) == 3 and scoring.scoring_unavailable() is None  # asked once
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        pytest.param(Reply(body=completion("Hello")), "no `logprobs.token_logprobs`", id="text-only"),
+        pytest.param(echoed([None, -1.0]), r"2 token log-probabilities for a prompt of \d tokens", id="too-few"),
+        pytest.param(echoed([None, -1.0, 0.5, -1.0]), "not a finite number at most 0", id="positive"),
+        pytest.param(echoed([None, -1.0, "x", -1.0]), "not a finite number at most 0", id="text"),
+        pytest.param(Reply(status=400, body={"detail": "echo is not supported"}), "echo is not supported", id="400"),
+    ],
+)
+def test_a_server_without_prompt_likelihoods_is_named_and_scores_nothing(reply, problem, tokenizer):
+    with HostileServer([reply]) as server:
+        scoring = engine(server, tokenizer)
+        with pytest.raises(ServerError, match=problem):
+            scoring.score([ScoringRow([5, 6, 7, 8], 2)])
+        reason = engine(server, tokenizer).scoring_unavailable()
+    assert re.search(problem, reason), reason
+    spec = DistillSpec.create(checker="math", selection="lowest_nll", generation_kwargs=DECODING)
+    with pytest.raises(ValueError, match=rf"lowest_nll.*cannot give: .*{problem}.* Use a server that returns prompt"):
+        check_scoring(spec, engine(server, tokenizer))

@@ -112,6 +112,25 @@ def test_a_renamed_deployment_needs_the_override(server, seed_model, bundled_mod
     assert result.report["generated"] == 1
 
 
+def test_the_least_surprising_target_is_refused_where_the_server_gives_no_likelihoods(
+    server, seed_model, bundled_model_dir, tmp_path
+):
+    """`transformers serve` returns no prompt log-probabilities: `lowest_nll` is refused when the trainer is built,
+    before any weights or rewrites, naming what the server did; the gap report is left out of the paper's SDFT."""
+    _, tokenizer = seed_model
+    reason = ServerEngine(server.url, bundled_model_dir, tokenizer).scoring_unavailable()
+    assert reason is not None and server.url in reason
+    args = SDFTConfig(
+        output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_engine="server",
+        sdft_server_url=server.url, sdft_template="gsm8k", sdft_checker="math", sdft_selection="lowest_nll",
+        sdft_generation_kwargs={"do_sample": False, "max_new_tokens": 12}, use_cpu=True, report_to=[],
+    )  # fmt: skip
+    dataset = gsm8k_to_prompt_completion(bundled_gsm8k("train", n=2))
+    with pytest.raises(ValueError, match=r"lowest_nll.*cannot give: .*Use a server that returns prompt log-prob"):
+        SDFTTrainer(model=bundled_model_dir, args=args, train_dataset=dataset)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_unreachable_server_fails_at_construction_before_loading_anything(tiny_model_dir, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     args = SDFTConfig(

@@ -14,7 +14,7 @@ from tiny_models import addition_rows
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
 from trl_selfdistill.cache import fingerprint
 from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
-from trl_selfdistill.generation import ServerEngine, TransformersEngine
+from trl_selfdistill.generation import TransformersEngine
 from trl_selfdistill.sdft import rewrite as rewrite_module
 from trl_selfdistill.sdft.card import sdft_report_section
 from trl_selfdistill.sdft.gap import response_nll
@@ -172,14 +172,11 @@ def test_refusals_before_anything_is_loaded_or_generated(tmp_path, tiny_tokenize
         DistillSpec.create(candidates=["own_answer"], checker="none")
     with pytest.raises(ValueError, match=r"'own_answer' needs a checker"):
         distill_dataset(None, tiny_tokenizer, addition_rows(2), candidates=BOTH, cache_dir=tmp_path)
-    for engine in ("server", ServerEngine("http://localhost:1", "m", tiny_tokenizer)):
-        with pytest.raises(ValueError, match=r"lowest_nll.*the server engine does not give.*in-process engine"):
-            distill_dataset(None, tiny_tokenizer, addition_rows(2), selection="lowest_nll", server_url="http://x:1",
-                            engine=engine, cache_dir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match=r"`sdft_selection='lowest_nll'` needs .* server engine"):
-        config(tmp_path, sdft_engine="server", sdft_server_url="http://localhost:8000",
-               sdft_selection="lowest_nll")  # fmt: skip
     assert not any(tmp_path.iterdir())
+    # On a server, `lowest_nll` depends on what the server returns: asked when the engine is checked (the server
+    # tests, `test_server_answers.py`, `test_server_engine.py` and `test_vllm_server.py`).
+    assert config(tmp_path, sdft_engine="server", sdft_server_url="http://localhost:8000",
+                  sdft_selection="lowest_nll").sdft_selection == "lowest_nll"  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -234,3 +231,26 @@ def test_trainer_with_own_answers_on_gsm8k(tmp_path, tiny_tokenizer, make_tiny_l
     section = sdft_report_section(report, ROWS_FILE, REPORT_FILE)  # the model card's SDFT section
     assert "candidates `own_answer`, `rewrite`, `reference` by `first` selection" in section
     assert f"| `target_own_answer` | {report['target_own_answer']} | targets that are the seed model's own" in section
+
+
+class GenerateOnly:
+    """A rewrite engine that generates (through the in-process one) but has no `score`: a third-party engine."""
+
+    def __init__(self, engine: TransformersEngine):
+        self._engine = engine
+        self.position_limit, self.deal_size = engine.position_limit, engine.deal_size
+        self.check, self.block_size, self.identity = engine.check, engine.block_size, engine.identity
+        self.generate, self.generate_blocks = engine.generate, engine.generate_blocks
+
+
+def test_an_engine_that_cannot_score_is_refused_for_lowest_nll_and_leaves_the_gap_out(
+    tmp_path, tiny_tokenizer, make_tiny_llama
+):
+    engine = GenerateOnly(TransformersEngine(make_tiny_llama(tiny_tokenizer), tiny_tokenizer, batch_size=4))
+    options = dict(generation_kwargs={"max_new_tokens": 6}, keep_truncated=True, show_progress=False)
+    with pytest.raises(ValueError, match=r"lowest_nll.*cannot give: GenerateOnly has no `score`"):
+        distill_dataset(None, tiny_tokenizer, addition_rows(2), engine=engine, selection="lowest_nll",
+                        checker=accept_any, cache_dir=tmp_path, **options)  # fmt: skip
+    assert not any(tmp_path.iterdir())  # refused before anything was generated
+    result = distill_dataset(None, tiny_tokenizer, addition_rows(2), engine=engine, cache_dir=tmp_path, **options)
+    assert result.report["generated"] == 2 and "seed_nll_reference" not in result.report

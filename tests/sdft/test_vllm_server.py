@@ -18,12 +18,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_selfdistill import SDFTConfig, SDFTTrainer, distill_dataset
 from trl_selfdistill.cache import RowCache
 from trl_selfdistill.data import bundled_gsm8k, gsm8k_to_prompt_completion
-from trl_selfdistill.generation import ServerEngine, ServerError
+from trl_selfdistill.generation import ServerEngine, ServerError, TransformersEngine
+from trl_selfdistill.sdft.gap import instruction_prompt, response_nll
+from trl_selfdistill.sdft.outputs import ROWS_FILE
 from trl_selfdistill.sdft.spec import DistillSpec
+from trl_selfdistill.sdft.targets import collect_targets
 
 SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the upstream name: not the path the tests load the model from
 GREEDY = DistillSpec.create("gsm8k", checker="math", generation_kwargs={"do_sample": False, "max_new_tokens": 48})
 SAMPLED = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24}
+LEAST_SURPRISING = DistillSpec.create(
+    "gsm8k", checker="math", candidates=["own_answer", "rewrite"], selection="lowest_nll",
+    generation_kwargs={"do_sample": False, "max_new_tokens": 48},
+)  # fmt: skip
+# Per-token NLLs of the same ids, in float32 both, differ only by the kernels' rounding (about 1e-5 in runs here).
+NLL_TOLERANCE = 1e-3
 
 pytestmark = pytest.mark.slow
 
@@ -176,18 +185,75 @@ def test_top_k_is_honoured(vllm, seed_model, tmp_path):
     assert texts(unrestricted, "all") != texts(greedy, "greedy")  # so the equality above is top_k's doing
 
 
+def test_likelihoods_on_vllm_match_the_in_process_engine(vllm, seed_model):
+    """vLLM's prompt log-probabilities (`echo`, `logprobs: 0`, `max_tokens: 0`) are the in-process NLL of the same
+    ids, whole responses and responses cut at `max_positions` alike."""
+    model, tokenizer = seed_model
+    engine = ServerEngine(vllm.url, SERVED_NAME, tokenizer)
+    assert engine.scoring_unavailable() is None
+    pairs = [(t.instruction, t.reference) for t in collect_targets(rows(8))]
+    local_engine = TransformersEngine(model, tokenizer)
+    whole = response_nll(local_engine, tokenizer, pairs)
+    longest_prompt = max(
+        len(tokenizer(instruction_prompt(tokenizer, i), add_special_tokens=False)["input_ids"]) for i, _ in pairs
+    )
+    cut = longest_prompt + 8  # every response keeps 8 or more scored tokens, and the longer ones lose some
+    for max_positions in (None, cut):
+        remote = response_nll(engine, tokenizer, pairs, max_positions)
+        local = response_nll(local_engine, tokenizer, pairs, max_positions)
+        for (remote_sum, remote_tokens), (local_sum, local_tokens) in zip(remote, local, strict=True):
+            assert remote_tokens == local_tokens > 0
+            assert remote_sum / remote_tokens == pytest.approx(local_sum / local_tokens, abs=NLL_TOLERANCE)
+        if max_positions:
+            assert any(
+                cut_tokens < whole_tokens for (_, cut_tokens), (_, whole_tokens) in zip(local, whole, strict=True)
+            )
+
+
+def test_the_least_surprising_target_on_vllm_is_the_in_process_one(vllm, seed_model, tmp_path):
+    model, tokenizer = seed_model
+    dataset = rows(8, start=40)
+    local = distill_dataset(model, tokenizer, dataset, LEAST_SURPRISING, cache_dir=tmp_path / "local",
+                            show_progress=False)  # fmt: skip
+    remote = served(vllm, tokenizer, dataset, LEAST_SURPRISING, tmp_path / "served")
+    assert remote.report["seed_nll_reference"] == pytest.approx(local.report["seed_nll_reference"], abs=NLL_TOLERANCE)
+    compared = 0
+    for remote_row, local_row in zip(remote.rows, local.rows, strict=True):
+        if [c["text"] for c in remote_row["candidates"]] != [c["text"] for c in local_row["candidates"]]:
+            continue  # a greedy near-tie flipped (see the first test): different texts, different numbers
+        compared += 1
+        for remote_candidate, local_candidate in zip(remote_row["candidates"], local_row["candidates"], strict=True):
+            assert remote_candidate["reason"] == local_candidate["reason"]
+            if local_candidate["seed_nll"] is None:
+                assert remote_candidate["seed_nll"] is None  # a rejected candidate is not scored
+            else:
+                assert remote_candidate["seed_nll"] == pytest.approx(local_candidate["seed_nll"], abs=NLL_TOLERANCE)
+        scores = sorted(c["seed_nll"] for c in local_row["candidates"] if c["seed_nll"] is not None)
+        if len(scores) < 2 or scores[1] - scores[0] > 2 * NLL_TOLERANCE:  # not a tie within the rounding
+            assert remote_row["target"] == local_row["target"]
+    assert compared >= 6
+    assert sum(remote.report[f"target_{kind}"] for kind in ("own_answer", "rewrite", "reference")) == 8
+
+
 def test_the_trainer_asks_the_server_once_per_thing_during_construction(vllm, bundled_model_dir, tmp_path):
+    """The least surprising target on the server: one model check, one 1-token probe, one likelihood probe, one
+    request per candidate generated, one per candidate scored; nothing resolved twice."""
     proxy = CountingProxy(vllm.url)
     try:
         args = SDFTConfig(
             output_dir=str(tmp_path / "out"), sdft_cache_dir=str(tmp_path / "cache"), sdft_engine="server",
             sdft_server_url=proxy.url, sdft_server_model=SERVED_NAME, sdft_template="gsm8k",
             sdft_checker="math", sdft_generation_kwargs={"do_sample": False, "max_new_tokens": 16},
+            sdft_candidates=["own_answer", "rewrite"], sdft_selection="lowest_nll",
             max_steps=1, use_cpu=True, report_to=[], disable_tqdm=True,
         )  # fmt: skip
         trainer = SDFTTrainer(model=bundled_model_dir, args=args, train_dataset=rows(3))
-        assert trainer.distillation_report["generated"] == 3
-        # One model check, one 1-token probe, one request per row: nothing is resolved twice.
-        assert dict(proxy.counts) == {"GET /v1/models": 1, "POST /v1/completions": 1 + 3}
+        assert trainer.distillation_report["generated"] == 2 * 3
+        audit = [json.loads(line) for line in open(tmp_path / "out" / ROWS_FILE)]
+        scored = sum(c["seed_nll"] is not None for entry in audit for c in entry["candidates"])
+        assert scored >= 3  # every reference at least
+        generating = [body for body in proxy.bodies if not body.get("echo")]
+        assert dict(proxy.counts) == {"GET /v1/models": 1, "POST /v1/completions": 1 + 2 * 3 + 1 + scored}
+        assert len(generating) == 1 + 2 * 3
     finally:
         proxy.close()

@@ -1,6 +1,6 @@
 """Generation engines behind the SDFT rewrite and the evaluation probes: in process, or on a server."""
 
-from .base import Completion, GenerationEngine, Prompt, RewriteEngine
+from .base import Completion, GenerationEngine, Prompt, RewriteEngine, ScoringEngine, ScoringRow
 from .local import TransformersEngine
 from .server import ServerEngine, ServerError
 
@@ -9,6 +9,8 @@ __all__ = [
     "GenerationEngine",
     "Prompt",
     "RewriteEngine",
+    "ScoringEngine",
+    "ScoringRow",
     "ServerEngine",
     "ServerError",
     "TransformersEngine",

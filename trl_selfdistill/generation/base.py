@@ -84,6 +84,31 @@ class RewriteEngine(GenerationEngine, Protocol):
         ...
 
 
+class ScoringRow(NamedTuple):
+    """Token ids to score, and the index of the first one scored (the response's first token, after the prompt)."""
+
+    ids: list[int]
+    first: int
+
+
+@runtime_checkable
+class ScoringEngine(Protocol):
+    """An engine that also gives the seed model's likelihood of given text: what SDFT's distribution gap
+    (`seed_nll_*`) and its least-surprising-target selection read."""
+
+    def scoring_unavailable(self) -> str | None:
+        """None if `score` works here, else why not (a server that returns no prompt log-probabilities).
+
+        Asks once: calling it again costs nothing.
+        """
+        ...
+
+    def score(self, rows: list[ScoringRow]) -> list[tuple[float, int]]:
+        """For each row, the summed negative log-likelihood of `ids[first:]`, each token predicted from those before
+        it, and the number of tokens scored."""
+        ...
+
+
 def numbered(prompts: list[str], seeds: list[int]) -> list[Prompt]:
     """`generate`'s arguments as one block of [`Prompt`], indexed by position."""
     return [Prompt(index, text, seed) for index, (text, seed) in enumerate(zip(prompts, seeds, strict=True))]

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .base import Completion, Prompt, numbered
+from .base import Completion, Prompt, ScoringRow, numbered
 
 logger = logging.get_logger(__name__)
 
@@ -30,6 +30,8 @@ MAX_AUTO_BATCH_SIZE = 512
 KV_CACHE_MEMORY_FRACTION = 0.6
 # Unquantized seed weights are loaded only if they take at most this share of the free accelerator memory.
 UNQUANTIZED_MEMORY_FRACTION = 0.7
+# Rows per forward pass when scoring: the full logits of a batch are held at once.
+SCORE_BATCH_SIZE = 4
 
 
 class TransformersEngine:
@@ -191,6 +193,35 @@ class TransformersEngine:
         finished = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device)).any(dim=1)
         limit = decoding.get("max_new_tokens")
         return [not done and (limit is None or new_tokens.shape[1] >= limit) for done in finished.tolist()]
+
+    def scoring_unavailable(self) -> str | None:
+        return None  # the logits are at hand
+
+    def score(self, rows: list[ScoringRow]) -> list[tuple[float, int]]:
+        """The summed NLL of each row's `ids[first:]` and their number, in float32 (see `ScoringEngine.score`)."""
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))  # similar lengths share a batch
+        with self.inference() as model:
+            device = _device_of(model)
+            for start in range(0, len(order), SCORE_BATCH_SIZE):
+                batch = order[start : start + SCORE_BATCH_SIZE]
+                width = max(len(rows[i].ids) for i in batch)
+                input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                for position, i in enumerate(batch):
+                    ids, first = rows[i]
+                    input_ids[position, : len(ids)] = torch.tensor(ids)
+                    labels[position, first : len(ids)] = torch.tensor(ids[first:])
+                lengths = torch.tensor([len(rows[i].ids) for i in batch])
+                attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                # Token t is predicted from position t - 1; summed per row, in float32.
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), reduction="none"
+                )
+                for position, i in enumerate(batch):
+                    results[i] = (losses[position].sum().item(), int((labels[position, 1:] != -100).sum()))
+        return results
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[PreTrainedModel]:

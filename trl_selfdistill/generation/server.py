@@ -12,6 +12,7 @@ like a failing server. Nothing here needs the model's weights, only its tokenize
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 from transformers import PreTrainedTokenizerBase
 
 from ..validation import check_number
-from .base import Completion, Prompt, bos_added_on_encoding, numbered, special_token_texts
+from .base import Completion, Prompt, ScoringRow, bos_added_on_encoding, numbered, special_token_texts
 from .http import BadAnswer, JSONClient, ServerError  # ServerError is imported from here too
 
 # `generate` options the engine translates into completion fields: OpenAI's, then vLLM's and SGLang's extensions.
@@ -126,6 +127,7 @@ class ServerEngine:
         # JSON may escape a byte as 6 characters (`\u00XX`); no token is longer than the longest in the vocabulary.
         self._bytes_per_token = 6 * max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=16)
         self._client = JSONClient(self.url, concurrency, timeout, max_retries, backoff)
+        self._scoring_unavailable: list[str | None] = []  # `scoring_unavailable`'s answer, once asked
 
     def identity(self) -> dict[str, Any]:
         return {"engine": "server", "model": self.model}
@@ -209,6 +211,41 @@ class ServerEngine:
         finally:  # the caller stopped (Ctrl-C): start nothing more, and do not wait for requests in flight
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def scoring_unavailable(self) -> str | None:
+        """None if the server returns the log-probabilities of a prompt's tokens (vLLM does, with `echo` and
+        `logprobs`), else what it did instead; one 3-token request, asked once."""
+        if not self._scoring_unavailable:
+            ids = self._tokenizer("Hello, world", add_special_tokens=False)["input_ids"][:3]
+            try:
+                self._prompt_logprobs(ids, retries=0)
+                self._scoring_unavailable.append(None)
+            except ServerError as error:
+                self._scoring_unavailable.append(str(error))
+        return self._scoring_unavailable[0]
+
+    def score(self, rows: list[ScoringRow]) -> list[tuple[float, int]]:
+        """Each row sent as token ids, echoed with their log-probabilities and nothing generated, `concurrency` at a
+        time: the same ids the in-process engine scores, so the same numbers up to the kernels' rounding."""
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sdft-score")
+        try:
+            logprobs = list(pool.map(lambda row: self._prompt_logprobs(row.ids), rows))
+        finally:  # on a failure, send nothing more
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [
+            (-sum(values[row.first :]), max(0, len(row.ids) - row.first))
+            for row, values in zip(rows, logprobs, strict=True)
+        ]
+
+    def _prompt_logprobs(self, ids: list[int], retries: int | None = None) -> list[float]:
+        """The log-probability of each of `ids` after those before it (the first, which has none, as 0.0)."""
+        body = {"model": self.model, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0, "temperature": 0.0}
+        # The answer echoes every token about three times (text, token list, top log-probabilities) with numbers.
+        limit = _BODY_ALLOWANCE + len(ids) * (3 * self._bytes_per_token + 128)
+        return self._client.request(
+            "POST", "/v1/completions", body, retries=retries, limit=limit,
+            parse=lambda answer: _echoed_logprobs(answer, len(ids)),
+        )  # fmt: skip
+
     def _complete(self, prompt: str, fields: dict[str, Any], retries: int | None = None) -> tuple[str, bool]:
         """The completion's text, and whether it stopped at `max_tokens` (OpenAI's `finish_reason` "length"); the
         answer has passed `_checked`."""
@@ -260,3 +297,21 @@ class ServerEngine:
                     f"add up to {_token_slack(max_tokens)})"
                 )
         return text, _FINISH_REASONS[reason]
+
+
+def _echoed_logprobs(answer: Any, tokens: int) -> list[float]:
+    """The prompt's token log-probabilities in an echoed completion answer (`logprobs.token_logprobs`, the first
+    `None`), or `BadAnswer` if they are not there, one finite number per token after the first."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    logprobs = (
+        choices[0].get("logprobs") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    )
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(values, list):
+        raise BadAnswer("has no `logprobs.token_logprobs`: the server does not return a prompt's log-probabilities")
+    if len(values) < tokens:
+        raise BadAnswer(f"has {len(values)} token log-probabilities for a prompt of {tokens} tokens")
+    values = values[:tokens]
+    if any(type(value) not in (int, float) or not math.isfinite(value) or value > 0 for value in values[1:]):
+        raise BadAnswer("has a token log-probability that is not a finite number at most 0")
+    return [0.0, *map(float, values[1:])]

@@ -77,7 +77,8 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
         sdft_selection (`str`, *optional*, defaults to `"first"`):
             Which passing candidate is trained on: `"first"` in the order own answer, rewrite, reference; or
             `"lowest_nll"`, the one with the lowest per-token negative log-likelihood under the seed model (GRAPE,
-            arXiv 2502.04194; in-process engine only, a server gives no likelihoods here).
+            arXiv 2502.04194). In process, or on a server that returns prompt log-probabilities (vLLM); another
+            server is refused before any loading.
         sdft_cache_dir (`str`, *optional*):
             Where rewrites are cached as they are produced. Defaults to `$TRL_SELFDISTILL_CACHE/rewrites` (or
             `~/.cache/trl_selfdistill/rewrites`).
@@ -198,12 +199,6 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             raise ValueError("`sdft_engine='server'` needs `sdft_server_url`, e.g. 'http://localhost:8000'.")
         # From the command line a list arrives as a list of strings, from YAML or an environment as one comma string.
         self.sdft_candidates = list(resolve_candidates(self.sdft_candidates))
-        if self.sdft_selection == "lowest_nll" and self.sdft_engine == "server":
-            raise ValueError(
-                "`sdft_selection='lowest_nll'` needs the seed model's likelihoods, which the server engine does "
-                "not give here. Use the in-process engine (`sdft_engine='transformers'`) or "
-                "`sdft_selection='first'`."
-            )
         if self.sdft_engine == "server" or self.sdft_server_url is not None:
             check_server_settings(
                 self.sdft_server_url,

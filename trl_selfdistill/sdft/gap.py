@@ -4,21 +4,19 @@ Yang et al. (2024) argue that fine-tuning on responses far from the seed model's
 forget, and that rewriting them in its own words closes that gap. The measure here is the seed model's mean negative
 log-likelihood per response token, given the instruction in the model's chat format: over the reference responses,
 and over what is trained on after the rewrite (accepted rewrites, references elsewhere). A lower number after the
-rewrite is the gap closing. It costs one forward pass per response, plus one per accepted rewrite.
+rewrite is the gap closing. It costs one forward pass per response, plus one per accepted rewrite, in process or
+on a server that returns prompt log-probabilities (vLLM).
 """
 
 from __future__ import annotations
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..generation.local import TransformersEngine
-
-SCORE_BATCH_SIZE = 4  # rows per forward pass: the full logits of a batch are held at once
+from ..generation.base import ScoringEngine, ScoringRow
 
 
 def response_nll(
-    engine: TransformersEngine,
+    engine: ScoringEngine,
     tokenizer: PreTrainedTokenizerBase,
     pairs: list[tuple[str, str]],
     max_positions: int | None = None,
@@ -27,32 +25,10 @@ def response_nll(
 
     The response is followed by the end token, as SFT trains it; the instruction is a single user turn rendered by the
     tokenizer's chat template (plain text plus a blank line when it has none). A row longer than `max_positions` is
-    scored on its first `max_positions` tokens.
+    scored on its first `max_positions` tokens. The engine scores these token ids, in process or on a server alike.
     """
     rows = [_encode(tokenizer, instruction, response) for instruction, response in pairs]
-    rows = [(ids[:max_positions] if max_positions else ids, first) for ids, first in rows]
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-    with engine.inference() as model:
-        device = next(model.parameters()).device
-        for start in range(0, len(order), SCORE_BATCH_SIZE):
-            batch = order[start : start + SCORE_BATCH_SIZE]
-            width = max(len(rows[i][0]) for i in batch)
-            input_ids = torch.full((len(batch), width), engine.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for position, i in enumerate(batch):
-                ids, first_target = rows[i]
-                input_ids[position, : len(ids)] = torch.tensor(ids)
-                labels[position, first_target : len(ids)] = torch.tensor(ids[first_target:])
-            attention_mask = torch.arange(width)[None, :] < torch.tensor([len(rows[i][0]) for i in batch])[:, None]
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device)).logits
-            # Token t is predicted from position t - 1; summed per row, in float32.
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), reduction="none", ignore_index=-100
-            )
-            for position, i in enumerate(batch):
-                results[i] = (losses[position].sum().item(), int((labels[position, 1:] != -100).sum()))
-    return results
+    return engine.score([ScoringRow(ids[:max_positions] if max_positions else ids, first) for ids, first in rows])
 
 
 def instruction_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:

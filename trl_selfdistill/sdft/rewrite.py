@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .. import claims as claim_files
 from ..cache import RowCache, fingerprint
-from ..generation import Prompt, RewriteEngine, ServerEngine, TransformersEngine
+from ..generation import Prompt, RewriteEngine, ScoringEngine, ServerEngine, TransformersEngine
 from ..generation.base import special_token_texts
 from ..models import resolve_model_name
 from ..paths import default_cache_dir
@@ -155,8 +155,6 @@ def distill_dataset(
         spec = DistillSpec.create(**spec_kwargs)
     elif spec_kwargs:
         raise TypeError(f"Pass either `spec` or its parts, not both (got {sorted(spec_kwargs)}).")
-    if engine == "server" or not isinstance(engine, str | TransformersEngine):
-        _check_scoring_engine(spec, engine)  # before any weights are loaded or any server is asked
     check_renderable(tokenizer, spec.template_mode)
     targets = collect_targets(dataset)
     engine = build_engine(
@@ -184,8 +182,8 @@ def distill_with_engine(
     Each response gets the candidates `spec.candidates` asks for (each kind generated into its own cache), each judged
     by the checker; `spec.selection` picks the training target among those that pass and the reference.
     """
-    _check_scoring_engine(spec, engine)
     engine.check(spec.decoding)  # once per engine and decoding: a server checked before loading is not asked again
+    check_scoring(spec, engine)  # asked once too
     decoding = dict(spec.decoding)
     state = PartialState()
     position_limit = engine.position_limit or _tokenizer_limit(tokenizer)
@@ -207,7 +205,7 @@ def distill_with_engine(
                           for kind in spec.candidates]
         for t in kept
     }  # fmt: skip
-    scored = isinstance(engine, TransformersEngine)  # a server gives no likelihoods
+    scored = _scoring_unavailable(engine) is None
     chosen, nll = {}, {}
     if spec.selection == "first":
         chosen = {unit: _first_passing(candidates) for unit, candidates in judged.items()}
@@ -267,16 +265,28 @@ def distill_with_engine(
     return DistillationResult(apply_rewrites(dataset, responses), report, audit)
 
 
-def _check_scoring_engine(spec: DistillSpec, engine: str | RewriteEngine) -> None:
-    """`lowest_nll` ranks candidates by the seed model's likelihoods, which only the in-process engine gives."""
-    if spec.selection != "lowest_nll" or isinstance(engine, TransformersEngine):
+def check_scoring(spec: DistillSpec, engine: RewriteEngine) -> None:
+    """`lowest_nll` ranks the candidates by the seed model's likelihoods: refused, before any generation, with an
+    engine that cannot give them (a server that returns no prompt log-probabilities)."""
+    if spec.selection != "lowest_nll":
         return
-    name = "the server engine" if engine == "server" or isinstance(engine, ServerEngine) else type(engine).__name__
-    raise ValueError(
-        f"`selection='lowest_nll'` ranks the candidates by the seed model's likelihoods, which {name} does not give "
-        "here (a server returns text only). Use the in-process engine (`engine='transformers'`, "
-        "`sdft_engine='transformers'` in the config), or `selection='first'`."
-    )
+    reason = _scoring_unavailable(engine)
+    if reason is not None:
+        raise ValueError(
+            f"`selection='lowest_nll'` ranks the candidates by the seed model's likelihoods, which this engine cannot "
+            f"give: {reason} Use a server that returns prompt log-probabilities (vLLM does, with `echo` and "
+            "`logprobs`), the in-process engine (`sdft_engine='transformers'`), or `selection='first'`."
+        )
+
+
+def _scoring_unavailable(engine: RewriteEngine) -> str | None:
+    """Why `engine` cannot score, in any process (None if it can in all): every process takes the same path, so that
+    none waits alone in the scores' gathering because its own probe of a server failed."""
+    if isinstance(engine, ScoringEngine):
+        reason = engine.scoring_unavailable()
+    else:
+        reason = f"{type(engine).__name__} has no `score` (see `trl_selfdistill.generation.ScoringEngine`)"
+    return next((reason for reason in gather_object([reason]) if reason is not None), None)
 
 
 def _generate_candidates(
@@ -362,7 +372,7 @@ def _audit_candidates(target: RewriteTarget, candidates: list[dict[str, Any]], n
 
 
 def _seed_nll(
-    engine: TransformersEngine,
+    engine: ScoringEngine,
     tokenizer: PreTrainedTokenizerBase,
     kept: list[RewriteTarget],
     judged: dict[tuple[int, int], list[dict[str, Any]]],

@@ -22,7 +22,7 @@ from ..utils import check_liger_kernel, check_trainable_dtypes, shards_parameter
 from .card import sdft_report_section
 from .config import SDFTConfig
 from .outputs import REPORT_FILE, ROWS_FILE, rows_cut_by_max_length, save_distillation, warn_cut
-from .rewrite import distill_with_engine, engine_from_config
+from .rewrite import check_scoring, distill_with_engine, engine_from_config
 from .targets import RewriteTarget, collect_targets
 from .templates import check_renderable
 
@@ -75,9 +75,10 @@ class SDFTRewriteMixin:
         if processing_class is not None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             check_renderable(tokenizer, args.sdft_template_mode)
-            if args.sdft_engine == "server":  # the server answers and serves the seed model, before any loading
+            if args.sdft_engine == "server":  # the server answers, serves the seed model and can score, before loading
                 self._server_engine = engine_from_config(args, model, tokenizer)
                 self._server_engine.check(args.sdft_spec.decoding)
+                check_scoring(args.sdft_spec, self._server_engine)  # `lowest_nll` needs its prompt log-probabilities
 
         # The training set is tokenized only after the rewrite (see `_prepare_dataset`).
         self._train_dataset_distilled = False
