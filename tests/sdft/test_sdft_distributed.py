@@ -57,3 +57,14 @@ def test_rewrite_is_sharded_across_two_processes(tmp_path, tiny_tokenizer, make_
         assert [c["seed_nll"] for c in shared["candidates"]] == pytest.approx(
             [c["seed_nll"] for c in single["candidates"]], abs=1e-4
         )
+
+
+@pytest.mark.slow
+def test_processes_that_accelerate_did_not_join_are_refused(tmp_path):
+    """On CPUs, two launched processes stay apart unless accelerate's state is told `cpu=True`; rewriting then would
+    have both rewrite everything into one cache file."""
+    launch_two_processes(HERE / "unjoined_processes.py", str(tmp_path))
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "one of 2 launched processes" in message and "PartialState(cpu=True)" in message, message
+    assert not (tmp_path / "cache").exists()  # refused before anything was written

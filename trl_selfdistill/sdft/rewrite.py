@@ -155,6 +155,7 @@ def distill_dataset(
         spec = DistillSpec.create(**spec_kwargs)
     elif spec_kwargs:
         raise TypeError(f"Pass either `spec` or its parts, not both (got {sorted(spec_kwargs)}).")
+    _check_process_group()
     check_renderable(tokenizer, spec.template_mode)
     targets = collect_targets(dataset)
     engine = build_engine(
@@ -163,6 +164,20 @@ def distill_dataset(
     return distill_with_engine(
         engine, tokenizer, dataset, targets, spec, seed=seed, cache_dir=cache_dir, show_progress=show_progress
     )
+
+
+def _check_process_group() -> None:
+    """A launcher that started several processes, which accelerate's state does not join (on CPUs it joins them only
+    when told `cpu=True`), would have each process take itself for the only one: all would rewrite everything into
+    the same cache file. Refused, naming the fix."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > PartialState().num_processes:
+        raise RuntimeError(
+            f"This is one of {launched} launched processes (WORLD_SIZE), but accelerate's state holds "
+            f"{PartialState().num_processes}: the processes are not joined, and each would rewrite everything. On "
+            "CPUs, call `accelerate.PartialState(cpu=True)` before `distill_dataset` (a trainer's `use_cpu=True` "
+            "does this), or launch one process."
+        )
 
 
 def distill_with_engine(
