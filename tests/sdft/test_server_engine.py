@@ -53,7 +53,7 @@ def test_server_rewrite_report_and_cache_match_the_local_engine(server, seed_mod
     )  # fmt: skip
 
     assert served.dataset.to_list() == local.dataset.to_list()
-    different = {"engine", "cache_dir", "seed_nll_reference", "seed_nll_distilled"}  # a server gives no likelihoods
+    different = {"engine", "cache_dir", "seed_nll_reference", "seed_nll_distilled"}  # `transformers serve` gives none
     assert "seed_nll_reference" in local.report and "seed_nll_reference" not in served.report
     assert {k: v for k, v in served.report.items() if k not in different} == {
         k: v for k, v in local.report.items() if k not in different

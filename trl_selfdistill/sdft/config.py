@@ -157,7 +157,8 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
         default="first",
         metadata={
             "help": "'first': the first passing of own_answer, rewrite, reference; 'lowest_nll': the passing "
-            "candidate with the lowest per-token NLL under the seed model (in-process engine only).",
+            "candidate with the lowest per-token NLL under the seed model (in process, or on a server that returns "
+            "prompt log-probabilities, such as vLLM).",
             "choices": ["first", "lowest_nll"],
         },
     )
