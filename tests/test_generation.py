@@ -110,3 +110,21 @@ def test_a_vllm_server_without_a_vllm_interpreter_names_the_fix(tmp_path):
 
     with pytest.raises(ValueError, match="tools/vllm_env.sh"):
         VLLMServer(str(tmp_path), python=str(tmp_path / "no-env" / "bin" / "python"))
+
+
+def test_a_vllm_server_that_exits_while_starting_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    from trl_selfdistill.generation.vllm_server import VLLMServer
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where its socket directory is made
+
+    python = tmp_path / "python"  # an interpreter whose vLLM fails at once, as a broken environment does
+    python.write_text("#!/bin/sh\necho 'no module named vllm' >&2\nexit 3\n")
+    python.chmod(0o755)
+    server = VLLMServer(str(tmp_path), python=str(python), log_path=tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match=r"vLLM exited with 3 while starting; see .*server\.log"):
+        server.start(timeout=30)
+    assert server.rpc_dir is None and not any((tmp_path / "tmp").iterdir())  # its socket directory is gone with it
+    assert "no module named vllm" in (tmp_path / "server.log").read_text()

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from servers import CountingProxy, vllm_python, vllm_server
@@ -113,11 +114,14 @@ def test_a_killed_and_restarted_server_loses_nothing_and_generates_nothing_twice
             time.sleep(0.05)
         vllm.stop()
 
+    rpc_dir = Path(vllm.rpc_dir)
+    assert any(rpc_dir.iterdir())  # the engine's sockets are here, not in the system's temporary directory
     killer = threading.Thread(target=kill_after_three_rows)
     killer.start()
     with pytest.raises(ServerError, match=vllm.url):
         served(vllm, tokenizer, dataset, GREEDY, cache_root, concurrency=2, max_retries=1, backoff=0.1)
     killer.join()
+    assert not rpc_dir.exists()  # a killed server leaves no sockets behind
     before = cache_rows(cache_root)
     assert 3 <= len(before) < 8
 

@@ -14,8 +14,10 @@ with VLLMServer("/path/to/seed-model", python="/opt/vllm-env/bin/python", served
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -70,21 +72,26 @@ class VLLMServer:
         self.arguments, self.env = list(arguments), dict(env or {})
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
+        # vLLM's engine processes talk over unix sockets in `VLLM_RPC_BASE_PATH` (default: the system's temporary
+        # directory), which a killed server leaves behind: each start gets a directory of its own, removed by `stop`.
+        self.rpc_dir: str | None = None
 
     def start(self, timeout: float = 600.0) -> VLLMServer:
         """Starts the server and returns once it answers `/health`; fails, naming the log, if it exits or is late."""
         command = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
         command += ["--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(self.port)]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.rpc_dir = tempfile.mkdtemp(prefix="vllm-rpc-")
+        env = {**os.environ, "VLLM_RPC_BASE_PATH": self.rpc_dir, **self.env}
         # A session of its own: vLLM runs its engine in child processes, which `stop` kills with it as a group.
         self.process = subprocess.Popen(
-            command + self.arguments, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-            start_new_session=True,
-        )  # fmt: skip
+            command + self.arguments, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         see = f"; see {self.log_path}" if self.log_path else ""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # its engine processes, if any, and its sockets
                 raise RuntimeError(f"vLLM exited with {self.process.returncode} while starting{see}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2):
@@ -96,9 +103,15 @@ class VLLMServer:
 
     def stop(self) -> None:
         """Kills the server and its engine processes at once (as a crash would; nothing of theirs is worth saving)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None:
+            try:  # the group outlives a leader that exited by itself
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.process.wait(timeout=30)
+        if self.rpc_dir is not None:
+            shutil.rmtree(self.rpc_dir, ignore_errors=True)
+            self.rpc_dir = None
 
     def __enter__(self) -> VLLMServer:
         return self.start()
