@@ -170,11 +170,11 @@ def _check_process_group() -> None:
     """A launcher that started several processes, which accelerate's state does not join (on CPUs it joins them only
     when told `cpu=True`), would have each process take itself for the only one: all would rewrite everything into
     the same cache file. Refused, naming the fix."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > PartialState().num_processes:
+    launched, joined = int(os.environ.get("WORLD_SIZE", "1")), PartialState().num_processes
+    if launched > joined:
         raise RuntimeError(
             f"This is one of {launched} launched processes (WORLD_SIZE), but accelerate's state holds "
-            f"{PartialState().num_processes}: the processes are not joined, and each would rewrite everything. On "
+            f"{joined}: the processes are not joined, and each would rewrite everything. On "
             "CPUs, call `accelerate.PartialState(cpu=True)` before `distill_dataset` (a trainer's `use_cpu=True` "
             "does this), or launch one process."
         )
@@ -198,7 +198,7 @@ def distill_with_engine(
     by the checker; `spec.selection` picks the training target among those that pass and the reference.
     """
     engine.check(spec.decoding)  # once per engine and decoding: a server checked before loading is not asked again
-    check_scoring(spec, engine)  # asked once too
+    scored = check_scoring(spec, engine)  # asked once too
     decoding = dict(spec.decoding)
     state = PartialState()
     position_limit = engine.position_limit or _tokenizer_limit(tokenizer)
@@ -220,7 +220,6 @@ def distill_with_engine(
                           for kind in spec.candidates]
         for t in kept
     }  # fmt: skip
-    scored = _scoring_unavailable(engine) is None
     chosen, nll = {}, {}
     if spec.selection == "first":
         chosen = {unit: _first_passing(candidates) for unit, candidates in judged.items()}
@@ -280,18 +279,17 @@ def distill_with_engine(
     return DistillationResult(apply_rewrites(dataset, responses), report, audit)
 
 
-def check_scoring(spec: DistillSpec, engine: RewriteEngine) -> None:
-    """`lowest_nll` ranks the candidates by the seed model's likelihoods: refused, before any generation, with an
-    engine that cannot give them (a server that returns no prompt log-probabilities)."""
-    if spec.selection != "lowest_nll":
-        return
+def check_scoring(spec: DistillSpec, engine: RewriteEngine) -> bool:
+    """Whether `engine` gives the seed model's likelihoods in every process. `lowest_nll` ranks the candidates by them:
+    refused, before any generation, with an engine that cannot (a server that returns no prompt log-probabilities)."""
     reason = _scoring_unavailable(engine)
-    if reason is not None:
+    if reason is not None and spec.selection == "lowest_nll":
         raise ValueError(
             f"`selection='lowest_nll'` ranks the candidates by the seed model's likelihoods, which this engine cannot "
             f"give: {reason} Use a server that returns prompt log-probabilities (vLLM does, with `echo` and "
             "`logprobs`), the in-process engine (`sdft_engine='transformers'`), or `selection='first'`."
         )
+    return reason is None
 
 
 def _scoring_unavailable(engine: RewriteEngine) -> str | None:
