@@ -243,7 +243,7 @@ def test_a_server_without_prompt_likelihoods_is_named_and_scores_nothing(reply, 
         with pytest.raises(ServerError, match=problem):
             scoring.score([ScoringRow([5, 6, 7, 8], 2)])
         reason = engine(server, tokenizer).scoring_unavailable()
-    assert re.search(problem, reason), reason
-    spec = DistillSpec.create(checker="math", selection="lowest_nll", generation_kwargs=DECODING)
-    with pytest.raises(ValueError, match=rf"lowest_nll.*cannot give: .*{problem}.* Use a server that returns prompt"):
-        check_scoring(spec, engine(server, tokenizer))
+        assert re.search(problem, reason), reason
+        spec = DistillSpec.create(checker="math", selection="lowest_nll", generation_kwargs=DECODING)
+        with pytest.raises(ValueError, match=rf"lowest_nll.*cannot give: .*{problem}.* Use a server that returns"):
+            check_scoring(spec, engine(server, tokenizer))  # while the server still answers (it did not, in one run)
