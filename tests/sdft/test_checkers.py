@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from trl_selfdistill.data import ADDITION_STYLES, bundled_addition, bundled_gsm8k
 from trl_selfdistill.sdft.checkers import (
     BANNED_PHRASES,
     CHECKERS,
@@ -13,12 +14,15 @@ from trl_selfdistill.sdft.checkers import (
     code_checker,
     contains_banned_phrase,
     extract_last_number,
+    false_equations,
     function_call_checker,
     get_checker,
     math_checker,
+    math_strict_checker,
     normalize_function_call,
     rejection_reason,
 )
+from trl_selfdistill.sdft.templates import MATH_TEMPLATE, resolve_template
 
 # ---------------------------------------------------------------- extract_last_number
 
@@ -219,8 +223,9 @@ def test_your_turn_prefix():
 
 
 def test_get_checker_names():
-    assert set(CHECKERS) == {"math", "function_call", "code", "none"}
+    assert set(CHECKERS) == {"math", "math_strict", "function_call", "code", "none"}
     assert get_checker("math") is math_checker
+    assert get_checker("math_strict") is math_strict_checker
     assert get_checker("function_call") is function_call_checker
     assert get_checker("code") is code_checker
     assert get_checker("none") is accept_all
@@ -270,3 +275,145 @@ def test_rejection_reason_passes_row_to_checker():
     assert rejection_reason("text", "ref", {"ok": True}, custom) is None
     assert rejection_reason("text", "ref", {"ok": False}, custom) == "checker"
     assert seen[0] == ("text", "ref", {"ok": True})
+
+
+# ---------------------------------------------------------------- math_strict: false equations
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("90 + 90 = 180 + 6 = 186", ["90 + 90 = 180 + 6 = 186"]),  # sides 180, 186, 186
+        ("97 + 25 = 120, which is 122. The answer is 122.", ["97 + 25 = 120"]),  # "120, which is 122": no operator
+        (
+            "91 + 95 is equivalent to 180 + 6, which is 166. So, the answer is indeed 186.",
+            ["91 + 95 is equivalent to 180 + 6, which is 166"],
+        ),
+        ("Zusammen ergibt das 30 + 9 = 38.\nDie Antwort lautet 38.", ["30 + 9 = 38"]),
+        ("30 + 9 ergibt 38", ["30 + 9 ergibt 38"]),
+        ("30 + 9 ist gleich 38", ["30 + 9 ist gleich 38"]),
+        ("180 + 6 is 166", ["180 + 6 is 166"]),
+        ("180 + 6 equals 166", ["180 + 6 equals 166"]),
+        ("180 + 6 is equal to 166", ["180 + 6 is equal to 166"]),
+        ("2 + 3 = 5, 5 + 1 = 7 and 7 + 1 = 8", ["5 + 1 = 7"]),
+        ("He paid $1,000 x 3 = $3,100.", ["$1,000 x 3 = $3,100"]),
+        ("3x4 = 13", ["3x4 = 13"]),
+        ("(2 + 3) × 4 = 21, and 9 ÷ 3 = 4", ["(2 + 3) × 4 = 21", "9 ÷ 3 = 4"]),
+        ("10 \\times 3 = 31", ["10 \\times 3 = 31"]),
+        ("So (3 + 4 = 8).", ["3 + 4 = 8"]),  # parentheses around the whole chain are dropped
+        ("30 + 9 = **38**", ["30 + 9 = **38"]),  # Markdown bold is no operator
+        ("- 3 + 4 = 8", ["3 + 4 = 8"]),  # nor a list bullet
+        ("Step 1: 10 + 20 = 31", ["10 + 20 = 31"]),  # a label, not a ratio
+        ("5 \u2212 8 = \u22122", ["5 \u2212 8 = \u22122"]),
+        ("10 / 3 = 3", ["10 / 3 = 3"]),  # integers compare exactly
+        ("0.1 + 0.2 = 0.4", ["0.1 + 0.2 = 0.4"]),  # 0.3 rounds to neither 0.4 nor anything one decimal away
+    ],
+)
+def test_false_equations_catches_wrong_arithmetic(text, expected):
+    assert false_equations(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "17 + 22 = (10 + 20) + (7 + 2) = 30 + 9 = 39.\nThe answer is 39.",
+        "91 + 95 is equivalent to 180 + 6, which is 186.",
+        "So 5 - 8 = -3, -(3 + 4) = -7 and 3 - -2 = 5.",
+        "She sold 48 / 2 = 24 clips, paying $5.00 + $3.50 = $8.50 and 1/2 * 1/2 = 1/4 of it.",
+        "Total: 1,234 + 1 = 1,235; 2 · 3 + 4 = 10; a = 3 + 4 = 7.",
+        "10 / 3 = 3.33, 20 / 3 = 6.66 (truncated), 10/3 = 3.3333333333333333333 and 0.05 + 0.04 = 0.1",
+        "1.000 + 500 = 1.500",  # German grouping: 1000 + 500 = 1500
+        "90 + 90 = 180, which is the answer. So, the answer is 186.",  # true equations, wrong reasoning
+    ],
+)
+def test_false_equations_accepts_true_arithmetic(text):
+    assert false_equations(text) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "3 apples + 2 = 5 apples",  # the 2 belongs to "3 apples + 2"
+        "hours + 3 = 5",
+        "x2 = 4",
+        "2x = 10",
+        "2x + 3 = 5",
+        "50% of 20 = 10",
+        "20% + 30% = 60%",
+        "5kg = 5000g",
+        "2 + 3 = 6kg",
+        "Born 2023-10-01, at 10:30; 10:30 + 2 = 11",
+        "No equation here, only 3 numbers: 4 and 5.",
+        "3 times 4 = 13",
+        "half of 8 + 2 = 6",
+        "Die Hälfte von 8 + 2 = 6",
+        "2 hours x 3 = 7 hours",
+        "5 + 5 = 10 times 2 = 21",
+        "1/2 = 50 percent",
+        "Since 2/5 is equal to 12.8 hectares, 1/5 is equal to 12.8/2 = 6.4 hectares.",  # 2/5 names a part
+        "Nikita = (1/2) 278 + 11 = 150 points",  # implied factor
+        "0.5 + 0.5 = 2 thousand",
+        "7,5 + 2 = 9,5",  # decimal comma
+        "1 000 + 5 = 1 005",  # space-grouped thousands
+        "12 : 4 + 1 = 4",  # German division
+        "10 \u2013 3 + 2 = 9",  # en dash
+        "2(3 + 4) = 7",  # implied multiplication
+        "COVID-19 + 1 = 21",
+        "07 + 1 = 9",  # leading zero: a code, not a number
+        "5 / 0 = 3",
+        "3 + (4 = 8)",
+        "5 + 3 == 9",
+        "12 = 13",  # no operator
+        "17 + 22 is 40 more than 1",
+        "$3 + 4 = 8$",  # LaTeX math mode: "8$" reads as a unit
+        "\\frac{1}{2} \\times 4 = 3",
+        "2**3 = 9",
+    ],
+)
+def test_false_equations_skips_what_is_not_a_simple_equation(text):
+    assert false_equations(text) == []
+
+
+def test_false_equations_reads_calculator_annotations_on_their_own():
+    # The inside of an annotation is an equation; the outer "48/2 = <<" is not.
+    assert false_equations("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 24") == []
+    assert false_equations("Natalia sold 48/2 = <<48/2=25>>24 clips.\n#### 24") == ["48/2=25"]
+    assert false_equations("Tens: 10+20={{10+20=31}}30. Ones: 7+2={{7+2=9}}9.") == ["10+20=31"]
+    assert false_equations("It costs 3*.5=<<3*.5=1.5>>1.5 dollars.") == []
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("style", ADDITION_STYLES)
+def test_false_equations_passes_every_bundled_addition_reference(style, split):
+    for row in bundled_addition(split, style=style):
+        assert false_equations(row["answer"]) == [], row["answer"]
+        assert math_strict_checker(row["answer"], row["answer"], row)
+
+
+def test_false_equations_on_the_bundled_gsm8k_references():
+    # Two of the 200 references hold a genuine slip, both with the final answer of the data set unaffected by it:
+    # row 167 writes 192 * 100 = 1920 (the data set's answer, 1920, repeats the slip; the true cost is 19200), row
+    # 198 writes 6/3 = .5 for 3/6 = .5 (the answer, 30 minutes, is right).
+    flagged = {index: false_equations(row["answer"]) for index, row in enumerate(bundled_gsm8k("train"))}
+    assert {index: found for index, found in flagged.items() if found} == {167: ["192*100=$1920"], 198: ["6/3=.5"]}
+
+
+@pytest.mark.parametrize(
+    "rewrite, expected",
+    [
+        ("91 + 95 = (90 + 90) + (1 + 5) = 180 + 6 = 186.\nThe answer is 186.", True),
+        ("91 + 95 is equivalent to 180 + 6, which is 166. So, the answer is indeed 186.", False),
+        ("90 + 90 = 180 + 6 = 186. The answer is 186.", False),
+        ("91 + 95 = 185. The answer is 185.", False),  # the last number is wrong (math_checker)
+        ("91 + 95 = 186. The answer is 185.", False),
+        # Not caught: every equation holds, the last number is right, but nothing derives 186.
+        ("90 + 90 = 180, which is the answer. So, the answer is 186.", True),
+    ],
+)
+def test_math_strict_checker(rewrite, expected):
+    assert math_strict_checker(rewrite, "91 + 95 = 186.\nThe answer is 186.", {}) is expected
+    assert rejection_reason(rewrite, "#### 186", {}, math_strict_checker) == (None if expected else "checker")
+
+
+def test_math_strict_picks_the_math_template():
+    assert resolve_template("auto", "math_strict") is MATH_TEMPLATE

@@ -34,8 +34,9 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             `"chat"` renders the prompt through the tokenizer's chat template (system + user + generation prompt +
             forced lead-in); `"raw"` uses the paper's exact Llama-2-chat strings.
         sdft_checker (`str` or `Callable`, *optional*, defaults to `"none"`):
-            Acceptance rule applied after the banned-phrase filter: `"math"`, `"function_call"`, `"code"`, `"none"`,
-            or a callable `(rewrite, reference, row) -> bool`.
+            Acceptance rule applied after the banned-phrase filter: `"math"` (the last number must match the
+            reference's), `"math_strict"` (and every simple arithmetic equation in the text must be true),
+            `"function_call"`, `"code"`, `"none"`, or a callable `(rewrite, reference, row) -> bool`.
         sdft_generation_kwargs (`dict[str, Any]`, *optional*):
             Overrides of the paper's decoding (sampling, temperature 0.95, top-p 0.7, top-k 50, 512 new tokens),
             passed to `generate`.
@@ -79,6 +80,10 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             `"lowest_nll"`, the one with the lowest per-token negative log-likelihood under the seed model (GRAPE,
             arXiv 2502.04194). In process, or on a server that returns prompt log-probabilities (vLLM); another
             server is refused before any loading.
+        sdft_rewrite_samples (`int`, *optional*, defaults to `1`):
+            Rewrites sampled for each response, each a candidate of its own (`sdft_selection` picks among those that
+            pass: the first, or the least surprising). Several samples give a response more chances to keep its
+            answer. Needs sampling (`do_sample`), and one generation pass per sample.
         sdft_cache_dir (`str`, *optional*):
             Where rewrites are cached as they are produced. Defaults to `$TRL_SELFDISTILL_CACHE/rewrites` (or
             `~/.cache/trl_selfdistill/rewrites`).
@@ -102,7 +107,10 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
     # Typed `str` for the CLI and YAML; from Python a callable `(rewrite, reference, row) -> bool` works too.
     sdft_checker: str = field(
         default="none",
-        metadata={"help": "Acceptance rule: 'math', 'function_call', 'code' or 'none' (or a callable from Python)."},
+        metadata={
+            "help": "Acceptance rule: 'math', 'math_strict' (also rejects false equations), 'function_call', 'code' "
+            "or 'none' (or a callable from Python)."
+        },
     )
     sdft_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -160,6 +168,13 @@ class SDFTConfig(CheckpointingByItsNewName, SFTConfig):
             "candidate with the lowest per-token NLL under the seed model (in process, or on a server that returns "
             "prompt log-probabilities, such as vLLM).",
             "choices": ["first", "lowest_nll"],
+        },
+    )
+    sdft_rewrite_samples: int = field(
+        default=1,
+        metadata={
+            "help": "Rewrites sampled per response, each a candidate (`sdft_selection` picks among those that pass); "
+            "needs sampling."
         },
     )
     sdft_cache_dir: str | None = field(

@@ -146,11 +146,22 @@ class DistillSpec:
     keep_truncated: bool = False  # accept rewrites cut at `max_new_tokens` (by default they fall back)
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES  # generated candidates, in selection order; the reference too
     selection: str = "first"  # "first": first passing of own_answer, rewrite, reference; "lowest_nll"
+    rewrite_samples: int = 1  # sampled rewrites per response, each a candidate of its own
 
     @property
     def is_default(self) -> bool:
         """The paper's SDFT: the rewrite, or else the reference."""
-        return self.candidates == DEFAULT_CANDIDATES and self.selection == "first"
+        return self.candidates == DEFAULT_CANDIDATES and self.selection == "first" and self.rewrite_samples == 1
+
+    @property
+    def candidate_ids(self) -> tuple[str, ...]:
+        """Every generated candidate of a response, in selection order: `own_answer`, then `rewrite` (the paper's
+        one rewrite), then `rewrite_2`, `rewrite_3`, ... for the further samples."""
+        ids = []
+        for kind in self.candidates:
+            samples = self.rewrite_samples if kind == "rewrite" else 1
+            ids += [kind] + [f"{kind}_{number}" for number in range(2, samples + 1)]
+        return tuple(ids)
 
     @classmethod
     def create(
@@ -162,9 +173,10 @@ class DistillSpec:
         keep_truncated: bool = False,
         candidates: str | Iterable[str] | None = DEFAULT_CANDIDATES,
         selection: str = "first",
+        rewrite_samples: int = 1,
     ) -> DistillSpec:
         """Resolves a template name (`"auto"` follows the checker), a checker name, the decoding overrides and the
-        training-target options (`candidates`, `selection`; see [`SDFTConfig`])."""
+        training-target options (`candidates`, `selection`, `rewrite_samples`; see [`SDFTConfig`])."""
         if template_mode not in RENDER_MODES:
             raise ValueError(f"Unknown sdft_template_mode {template_mode!r}; use one of {list(RENDER_MODES)}.")
         if not isinstance(keep_truncated, bool):
@@ -185,18 +197,29 @@ class DistillSpec:
             raise ValueError(
                 "`sdft_candidates` with 'own_answer' needs a checker that tells a right answer from a wrong one, "
                 f"but `sdft_checker` is {checker_name!r}, which accepts every answer: the seed model's own answers "
-                "would replace the references whatever they say. Set `sdft_checker` to 'math', 'function_call', "
-                "'code' or a callable `(answer, reference, row) -> bool`."
+                "would replace the references whatever they say. Set `sdft_checker` to 'math', 'math_strict', "
+                "'function_call', 'code' or a callable `(answer, reference, row) -> bool`."
             )
+        decoding = resolve_decoding(generation_kwargs)
+        check_number("sdft_rewrite_samples", rewrite_samples, integer=True, low=1)
+        if rewrite_samples > 1 and not decoding.get("do_sample"):
+            raise ValueError(
+                f"`sdft_rewrite_samples={rewrite_samples}` asks for several rewrites of each response, but the "
+                "decoding is greedy (`do_sample` false), which writes the same rewrite every time. Sample (set "
+                "`do_sample: true` in `sdft_generation_kwargs`, the paper's default) or keep one rewrite."
+            )
+        if rewrite_samples > 1 and "rewrite" not in candidates:
+            raise ValueError("`sdft_rewrite_samples` > 1 needs 'rewrite' among `sdft_candidates`.")
         return cls(
             template=resolve_template(template, checker if isinstance(checker, str) else None),
             template_mode=template_mode,
             checker=resolved_checker,
             checker_name=checker_name,
-            decoding=resolve_decoding(generation_kwargs),
+            decoding=decoding,
             keep_truncated=keep_truncated,
             candidates=candidates,
             selection=selection,
+            rewrite_samples=rewrite_samples,
         )
 
     @classmethod
@@ -209,6 +232,7 @@ class DistillSpec:
             args.sdft_keep_truncated,
             args.sdft_candidates,
             args.sdft_selection,
+            args.sdft_rewrite_samples,
         )
 
     def render(self, instruction: str, reference: str, tokenizer: PreTrainedTokenizerBase) -> str:

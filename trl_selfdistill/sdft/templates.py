@@ -104,7 +104,7 @@ TEMPLATES: dict[str, DistillTemplate] = {
     "gsm8k": MATH_TEMPLATE,
 }
 
-_AUTO_BY_CHECKER = {"math": "math", "code": "code", "function_call": "code"}
+_AUTO_BY_CHECKER = {"math": "math", "math_strict": "math", "code": "code", "function_call": "code"}
 
 
 def fill_placeholders(text: str, **values: str) -> str:
