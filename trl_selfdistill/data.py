@@ -58,13 +58,42 @@ def _bundled_split(task: str, files: dict[str, str], split: str, n: int | None) 
     return dataset
 
 
-def addition_answer(a: int, b: int) -> str:
-    """The reference answer of ``What is a + b?``: tens and ones added apart, then together, then the answer line."""
-    tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
-    return (
-        f"{a} + {b} = ({a // 10 * 10} + {b // 10 * 10}) + ({a % 10} + {b % 10}) = {tens} + {ones} = {a + b}.\n"
-        f"The answer is {a + b}."
-    )
+ADDITION_STYLES = ("native", "german", "calculator")
+"""Styles of the addition task's reference answers: the same working and result, written three ways.
+
+- ``native``: ``17 + 22 = (10 + 20) + (7 + 2) = 30 + 9 = 39.\nThe answer is 39.`` (the bundled files), close to what
+  the bundled model writes itself (0.96 nats/token under it);
+- ``german``: the same steps in German, ``Zuerst addieren wir die Zehner: 10 + 20 = 30. ... Die Antwort lautet 39.``;
+- ``calculator``: a calculator log with ``{{...}}`` annotations and a ``#### 39`` line, GSM8K's raw format (braces, not
+  GSM8K's ``<<...>>``, which IFEval's title check would read as a title).
+
+The foreign styles keep the answer and the checkable working and move the wording far from the model's own: the
+reference-style experiment of the forgetting benchmark (see ``examples/screen_reference_styles.py``).
+"""
+
+
+def addition_answer(a: int, b: int, style: str = "native") -> str:
+    """The reference answer of ``What is a + b?`` in ``style`` (see :data:`ADDITION_STYLES`): tens and ones added
+    apart, then together, then the answer line."""
+    tens_a, tens_b, ones_a, ones_b = a // 10 * 10, b // 10 * 10, a % 10, b % 10
+    tens, ones, total = tens_a + tens_b, ones_a + ones_b, a + b
+    if style == "native":
+        return (
+            f"{a} + {b} = ({tens_a} + {tens_b}) + ({ones_a} + {ones_b}) = {tens} + {ones} = {total}.\n"
+            f"The answer is {total}."
+        )
+    if style == "german":
+        return (
+            f"Zuerst addieren wir die Zehner: {tens_a} + {tens_b} = {tens}. Dann die Einer: {ones_a} + {ones_b} = "
+            f"{ones}. Zusammen ergibt das {tens} + {ones} = {total}.\nDie Antwort lautet {total}."
+        )
+    if style == "calculator":
+        return (
+            f"Tens: {tens_a}+{tens_b}={{{{{tens_a}+{tens_b}={tens}}}}}{tens}. "
+            f"Ones: {ones_a}+{ones_b}={{{{{ones_a}+{ones_b}={ones}}}}}{ones}. "
+            f"Total: {tens}+{ones}={{{{{tens}+{ones}={total}}}}}{total}.\n#### {total}"
+        )
+    raise ValueError(f"Unknown addition answer style {style!r}; expected one of {list(ADDITION_STYLES)}.")
 
 
 def make_addition_rows() -> dict[str, list[dict]]:
@@ -84,14 +113,42 @@ def make_addition_rows() -> dict[str, list[dict]]:
     return splits
 
 
-def bundled_addition(split: str = "train", n: int | None = None) -> Dataset:
+_ADDITION_QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
+def bundled_addition(split: str = "train", n: int | None = None, style: str = "native") -> Dataset:
     """Raw rows (``question``, ``answer``) of the two-digit addition task shipped with the package.
 
     The forgetting benchmark's default task, written for this project (see :func:`make_addition_rows`): 256
-    training and 500 test questions such as ``What is 59 + 63?``, answered step by step and ending in
-    ``The answer is 122.`` (the ending the GSM8K checker and probe read). ``n`` keeps only the first ``n`` rows.
+    training and 500 test questions such as ``What is 59 + 63?``, answered step by step and ending in the result
+    (``The answer is 122.`` in the ``native`` style, the ending the GSM8K checker and probe read; see
+    :data:`ADDITION_STYLES` for the others). ``n`` keeps only the first ``n`` rows.
     """
-    return _bundled_split("addition", _BUNDLED_ADDITION_FILES, split, n)
+    if style not in ADDITION_STYLES:
+        raise ValueError(f"Unknown addition answer style {style!r}; expected one of {list(ADDITION_STYLES)}.")
+    dataset = _bundled_split("addition", _BUNDLED_ADDITION_FILES, split, n)
+    if style == "native":
+        return dataset
+    return Dataset.from_list(
+        [{"question": row["question"], "answer": _restyled(row["question"], style)} for row in dataset]
+    )
+
+
+def _restyled(question: str, style: str) -> str:
+    a, b = (int(number) for number in _ADDITION_QUESTION.fullmatch(question).groups())
+    return addition_answer(a, b, style)
+
+
+def bundled_addition_name(style: str = "native") -> str:
+    """The name :func:`load_task_dataset` takes for the addition task in ``style``: ``bundled/addition`` for the
+    native answers, ``bundled/addition-<style>`` for the others."""
+    if style not in ADDITION_STYLES:
+        raise ValueError(f"Unknown addition answer style {style!r}; expected one of {list(ADDITION_STYLES)}.")
+    return BUNDLED_ADDITION_NAME if style == "native" else f"{BUNDLED_ADDITION_NAME}-{style}"
+
+
+BUNDLED_ADDITION_NAMES = {bundled_addition_name(style): style for style in ADDITION_STYLES}
+"""Every name of the bundled addition task, with its answer style."""
 
 
 def official_gsm8k_answer(answer: str) -> str:
@@ -147,7 +204,9 @@ def load_task_dataset(
     """Load a task dataset by name or path and return it ready for training.
 
     - ``"bundled/gsm8k"``: the GSM8K sample shipped with the package (``split`` = ``"train"`` or ``"test"``);
-    - ``"bundled/addition"``: the two-digit addition task shipped with the package (``"train"`` or ``"test"``);
+    - ``"bundled/addition"``: the two-digit addition task shipped with the package (``"train"`` or ``"test"``), and
+      ``"bundled/addition-german"``, ``"bundled/addition-calculator"``: the same questions with the answers in
+      another style (:data:`ADDITION_STYLES`);
     - a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file (all its rows, whatever ``split`` says), a
       directory of such files (splits inferred from file names, e.g. ``train.jsonl``/``test.jsonl``), or a
       directory written by ``save_to_disk``;
@@ -160,8 +219,8 @@ def load_task_dataset(
         raise ValueError(f"Unknown GSM8K style {gsm8k_style!r}; expected one of {list(GSM8K_STYLES)}.")
     if name_or_path == BUNDLED_GSM8K_NAME:
         dataset = bundled_gsm8k(split)
-    elif name_or_path == BUNDLED_ADDITION_NAME:
-        dataset = bundled_addition(split)
+    elif name_or_path in BUNDLED_ADDITION_NAMES:
+        dataset = bundled_addition(split, style=BUNDLED_ADDITION_NAMES[name_or_path])
     elif os.path.exists(name_or_path):
         path = Path(name_or_path)
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):

@@ -254,3 +254,58 @@ def test_an_engine_that_cannot_score_is_refused_for_lowest_nll_and_leaves_the_ga
     assert not any(tmp_path.iterdir())  # refused before anything was generated
     result = distill_dataset(None, tiny_tokenizer, addition_rows(2), engine=engine, cache_dir=tmp_path, **options)
     assert result.report["generated"] == 2 and "seed_nll_reference" not in result.report
+
+
+SAMPLED = dict(FAST, generation_kwargs={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "top_k": 0})
+
+
+def test_several_rewrite_samples_are_candidates_of_their_own(tmp_path, tiny_tokenizer, make_tiny_llama):
+    model, dataset = make_tiny_llama(tiny_tokenizer), addition_rows(4)
+    result = distill_dataset(model, tiny_tokenizer, dataset, checker=accept_any, cache_dir=tmp_path,
+                             rewrite_samples=3, **SAMPLED)  # fmt: skip
+    samples = [[c["text"] for c in entry["candidates"] if c["kind"] == "rewrite"] for entry in result.rows]
+    assert all(len(texts) == 3 for texts in samples)
+    assert len({text for texts in samples for text in texts}) > 4  # each sample drew its own rewrite
+    assert [c.get("sample") for c in result.rows[0]["candidates"]] == [None, 2, 3, None]  # 1st, 2nd, 3rd, reference
+    # the first passing sample is trained on; the report counts samples as rewrites
+    assert result.dataset["completion"] == [texts[0] for texts in samples]
+    assert result.report["target_rewrite"] == 4 and result.report["rewrite_samples"] == 3
+    assert result.report["generated"] == 12
+    again = distill_dataset(model, tiny_tokenizer, dataset, checker=accepting({samples[1][2], samples[2][1]}),
+                            cache_dir=tmp_path, rewrite_samples=3, **SAMPLED)  # fmt: skip
+    assert again.report["generated"] == 0 and again.report["from_cache"] == 12  # each sample has its own cache
+    assert [entry["target"] for entry in again.rows] == ["reference", "rewrite", "rewrite", "reference"]
+    assert [entry.get("target_sample") for entry in again.rows] == [None, 3, 2, None]
+    assert again.dataset["completion"][1:3] == [samples[1][2], samples[2][1]]
+    assert [entry["rewrite"] for entry in again.rows][1:3] == [samples[1][2], samples[2][1]]  # the one trained on
+
+
+def test_least_surprising_of_several_rewrite_samples(tmp_path, tiny_tokenizer, make_tiny_llama):
+    model, dataset = make_tiny_llama(tiny_tokenizer), addition_rows(3)
+    result = distill_dataset(model, tiny_tokenizer, dataset, checker=accept_any, cache_dir=tmp_path,
+                             rewrite_samples=2, selection="lowest_nll", **SAMPLED)  # fmt: skip
+    for entry, trained in zip(result.rows, result.dataset["completion"], strict=True):
+        lowest = min(entry["candidates"], key=lambda c: c["seed_nll"])
+        assert trained == lowest["text"] and all(c["seed_nll"] is not None for c in entry["candidates"])
+
+
+def test_several_rewrite_samples_need_sampling():
+    with pytest.raises(ValueError, match="greedy"):
+        DistillSpec.create(checker="math", generation_kwargs={"do_sample": False}, rewrite_samples=2)
+    with pytest.raises(ValueError, match="sdft_rewrite_samples"):
+        DistillSpec.create(checker="math", rewrite_samples=0)
+    assert DistillSpec.create(checker="math", rewrite_samples=2).candidate_ids == ("rewrite", "rewrite_2")
+    assert not DistillSpec.create(checker="math", rewrite_samples=2).is_default
+
+
+def test_greedy_candidates_are_shared_by_every_seed(tmp_path, tiny_tokenizer, make_tiny_llama):
+    model, dataset = make_tiny_llama(tiny_tokenizer), addition_rows(3)
+    greedy = dict(FAST, generation_kwargs={"max_new_tokens": 6, "do_sample": False})
+    first = distill_dataset(model, tiny_tokenizer, dataset, candidates=BOTH, checker=accept_any, cache_dir=tmp_path,
+                            seed=1, **greedy)  # fmt: skip
+    again = distill_dataset(model, tiny_tokenizer, dataset, candidates=BOTH, checker=accept_any, cache_dir=tmp_path,
+                            seed=2, **greedy)  # fmt: skip
+    assert first.report["generated"] == 6 and again.report["generated"] == 0
+    assert again.dataset["completion"] == first.dataset["completion"]
+    sampled = distill_dataset(model, tiny_tokenizer, dataset, checker=accept_any, cache_dir=tmp_path, seed=2, **FAST)
+    assert sampled.report["generated"] == 3  # sampling: the seed is part of the key

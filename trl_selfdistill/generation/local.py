@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -199,28 +200,38 @@ class TransformersEngine:
 
     def score(self, rows: list[ScoringRow]) -> list[tuple[float, int]]:
         """The summed NLL of each row's `ids[first:]` and their number, in float32 (see `ScoringEngine.score`)."""
-        results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        return [(sum(losses), len(losses)) for losses in self.token_nlls(rows)]
+
+    def token_nlls(self, rows: list[ScoringRow]) -> list[list[float]]:
+        """Each row's per-token NLL of `ids[first:]` (the first token, predicted by nothing, is never scored).
+
+        Rows are left-padded with their own position ids, so every row's scored tokens end the batch and only their
+        logits are computed (`logits_to_keep`): the output layer and the float32 log-softmax, most of the cost over
+        a 49k vocabulary, skip the prompts.
+        """
+        results: list[list[float]] = [[] for _ in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))  # similar lengths share a batch
         with self.inference() as model:
             device = _device_of(model)
+            keeps_logits = _accepts_logits_to_keep(model)
             for start in range(0, len(order), SCORE_BATCH_SIZE):
-                batch = order[start : start + SCORE_BATCH_SIZE]
-                width = max(len(rows[i].ids) for i in batch)
-                input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
-                for position, i in enumerate(batch):
-                    ids, first = rows[i]
-                    input_ids[position, : len(ids)] = torch.tensor(ids)
-                    labels[position, first : len(ids)] = torch.tensor(ids[first:])
-                lengths = torch.tensor([len(rows[i].ids) for i in batch])
-                attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                # Token t is predicted from position t - 1; summed per row, in float32.
-                losses = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), reduction="none"
-                )
-                for position, i in enumerate(batch):
-                    results[i] = (losses[position].sum().item(), int((labels[position, 1:] != -100).sum()))
+                batch = [i for i in order[start : start + SCORE_BATCH_SIZE] if _scored_count(rows[i])]
+                if not batch:
+                    continue
+                input_ids, attention_mask = _left_pad([rows[i].ids for i in batch], self.pad_token_id, device)
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                scored = [_scored_count(rows[i]) for i in batch]
+                kept = max(scored) + 1  # the logits before each scored token, the last one's included
+                extra = {"logits_to_keep": kept} if keeps_logits else {}
+                logits = model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
+                ).logits[:, -kept:]
+                for position, (i, count) in enumerate(zip(batch, scored, strict=True)):
+                    # Token t is predicted from position t - 1; one row at a time keeps the float32 copy small.
+                    predicted = logits[position, kept - 1 - count : kept - 1].float()
+                    targets = torch.tensor(rows[i].ids[-count:], device=predicted.device)
+                    losses = torch.nn.functional.cross_entropy(predicted, targets, reduction="none")
+                    results[i] = losses.tolist()
         return results
 
     @contextlib.contextmanager
@@ -236,6 +247,17 @@ class TransformersEngine:
                 yield self.model
         finally:
             self.model.train(was_training)
+
+
+def _scored_count(row: ScoringRow) -> int:
+    """How many of the row's tokens are scored: from `first` on, never the first token (nothing predicts it)."""
+    return max(len(row.ids) - max(row.first, 1), 0)
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    """Whether the causal LM (under any PEFT wrapper) can compute the logits of its last positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def unquantized_seed_model(model: PreTrainedModel) -> PreTrainedModel | None:

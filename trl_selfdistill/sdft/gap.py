@@ -27,8 +27,13 @@ def response_nll(
     tokenizer's chat template (plain text plus a blank line when it has none). A row longer than `max_positions` is
     scored on its first `max_positions` tokens. The engine scores these token ids, in process or on a server alike.
     """
-    rows = [_encode(tokenizer, instruction, response) for instruction, response in pairs]
+    rows = response_rows(tokenizer, pairs)
     return engine.score([ScoringRow(ids[:max_positions] if max_positions else ids, first) for ids, first in rows])
+
+
+def response_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> list[ScoringRow]:
+    """Each `(instruction, response)` as the token ids `response_nll` scores: instruction, response, end token."""
+    return [ScoringRow(*_encode(tokenizer, instruction, response)) for instruction, response in pairs]
 
 
 def instruction_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:

@@ -209,22 +209,27 @@ def distill_with_engine(
 
     generator = engine.identity()
     records, caches, generated = {}, {}, 0
-    for kind in spec.candidates:
-        records[kind], count, caches[kind] = _generate_candidates(
-            kind, prompts[kind], lengths[kind], kept, engine, generator, spec, decoding, seed, cache_dir, show_progress
-        )
+    for candidate, kind in _candidate_kinds(spec):
+        # each further rewrite sample draws from seeds of its own, so it is another rewrite with its own cache
+        sample_seed = seed + _sample_number(candidate) * SAMPLE_SEED_STRIDE
+        records[candidate], count, caches[candidate] = _generate_candidates(
+            kind, prompts[kind], lengths[kind], kept, engine, generator, spec, decoding, sample_seed, cache_dir,
+            show_progress, _candidate_label(candidate, spec),
+        )  # fmt: skip
         generated += count
 
     judged = {  # per response, each generated candidate in selection order, judged
-        (t.row, t.turn): [_candidate(kind, records[kind][_unit_key(t)], t, dataset, spec, caches[kind])
-                          for kind in spec.candidates]
+        (t.row, t.turn): [
+            _candidate(candidate, kind, records[candidate][_unit_key(t)], t, dataset, spec, caches[candidate])
+            for candidate, kind in _candidate_kinds(spec)
+        ]
         for t in kept
-    }  # fmt: skip
+    }
     chosen, nll = {}, {}
     if spec.selection == "first":
         chosen = {unit: _first_passing(candidates) for unit, candidates in judged.items()}
         if scored:  # the references, and the targets that replace them
-            nll = _seed_nll(engine, tokenizer, kept, judged, lambda c, unit: c["kind"] == chosen[unit], position_limit)
+            nll = _seed_nll(engine, tokenizer, kept, judged, lambda c, unit: c["id"] == chosen[unit], position_limit)
     else:  # lowest_nll: every passing candidate scored, the least surprising trained on
         nll = _seed_nll(engine, tokenizer, kept, judged, lambda c, unit: c["reason"] is None, position_limit)
         chosen = {unit: _least_surprising(unit, candidates, nll) for unit, candidates in judged.items()}
@@ -237,8 +242,10 @@ def distill_with_engine(
         if target.skip is None:
             reasons[reason] += 1
             if chosen[unit] != "reference":
-                responses[unit] = next(c["text"] for c in candidates if c["kind"] == chosen[unit])
-        rewrite = next((c for c in candidates if c["kind"] == "rewrite"), None)
+                responses[unit] = next(c["text"] for c in candidates if c["id"] == chosen[unit])
+        # the rewrite trained on, or the first one
+        rewrite = next((c for c in candidates if c["id"] == chosen.get(unit) and c["kind"] == "rewrite"), None)
+        rewrite = rewrite or next((c for c in candidates if c["kind"] == "rewrite"), None)
         entry = {
             "row": target.row, "turn": target.turn, "rewrite": rewrite["text"] if rewrite else None,
             "accepted": target.skip is None and reason is None, "reason": reason,
@@ -246,14 +253,18 @@ def distill_with_engine(
         }  # fmt: skip
         if not spec.is_default:
             entry["candidates"] = _audit_candidates(target, candidates, nll)
-            entry["target"] = chosen.get(unit)
+            entry["target"] = _kind_of(chosen[unit]) if unit in chosen else None
+            if spec.rewrite_samples > 1 and unit in chosen and _kind_of(chosen[unit]) == "rewrite":
+                entry["target_sample"] = _sample_number(chosen[unit]) + 1
         audit.append(entry)
     skipped = Counter(target.skip for target in targets if target.skip)
     gap = _distribution_gap(kept, chosen, nll) if scored else {}
-    sources = Counter(chosen.values())
+    sources = Counter(_kind_of(candidate) for candidate in chosen.values())
     options = {}
     if not spec.is_default:
         options = {"candidates": list(spec.candidates), "selection": spec.selection}
+    if spec.rewrite_samples > 1:
+        options["rewrite_samples"] = spec.rewrite_samples
     report = {
         "rows": len(dataset),
         "total": len(targets),
@@ -264,7 +275,7 @@ def distill_with_engine(
         **{f"rejected_{rule}": count for rule, count in sorted(reasons.items(), key=str) if rule},
         **{f"skipped_{reason}": skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
         "generated": generated,
-        "from_cache": len(kept) * len(spec.candidates) - generated,
+        "from_cache": len(kept) * len(spec.candidate_ids) - generated,
         **gap,
         "template": spec.template.name,
         "template_mode": spec.template_mode,
@@ -314,12 +325,15 @@ def _generate_candidates(
     seed: int,
     cache_dir: str | os.PathLike | None,
     show_progress: bool,
+    label: str,
 ) -> tuple[dict[str, dict], int, RowCache]:
     """One kind of candidate for every kept response, generated into its cache: every record, how many were new, and
     the cache. The rewrite's cache key is the one SDFT always had; another kind adds its name, so two kinds never share
-    a cache even if their prompts were the same."""
+    a cache even if their prompts were the same. Greedy decoding leaves the seed out of the key: it writes the same
+    text whatever the seed, so runs with other seeds (a benchmark's training seeds) share one generation."""
     state = PartialState()
-    key_parts = (generator, prompts, decoding, seed) + (() if kind == "rewrite" else (kind,))
+    seeded = (seed,) if decoding.get("do_sample") else ()
+    key_parts = (generator, prompts, decoding, *seeded) + (() if kind == "rewrite" else (kind,))
     key = fingerprint(*key_parts)
     cache = RowCache(os.path.join(cache_dir or default_cache_dir(), "rewrites", key), f"rank{state.process_index}")
     if state.is_main_process:
@@ -327,23 +341,56 @@ def _generate_candidates(
             cache.write_metadata({"generator": generator, "template": spec.template, "decoding": decoding})
         else:
             cache.write_metadata({"generator": generator, "kind": kind, "decoding": decoding})
-    label = {"rewrite": "SDFT rewrite", "own_answer": "SDFT own answer"}[kind]
     records, generated = _generate_missing(prompts, lengths, kept, cache, engine, decoding, seed, show_progress, label)
     return records, generated, cache
 
 
+SAMPLE_SEED_STRIDE = 1_000_003
+"""Rewrite sample `k` seeds its rows from `seed + (k - 1) * SAMPLE_SEED_STRIDE`: no two samples share a seed."""
+
+
+def _candidate_kinds(spec: DistillSpec) -> list[tuple[str, str]]:
+    """`(candidate id, kind)` of every generated candidate, in selection order (see `DistillSpec.candidate_ids`)."""
+    return [(candidate, _kind_of(candidate)) for candidate in spec.candidate_ids]
+
+
+def _kind_of(candidate: str) -> str:
+    """`rewrite_3` -> `rewrite`: the kind a candidate id belongs to (`reference` for the reference)."""
+    return candidate.rsplit("_", 1)[0] if candidate.rsplit("_", 1)[-1].isdigit() else candidate
+
+
+def _sample_number(candidate: str) -> int:
+    """0 for a kind's first candidate, `k - 1` for `<kind>_<k>`."""
+    last = candidate.rsplit("_", 1)[-1]
+    return int(last) - 1 if last.isdigit() else 0
+
+
+def _candidate_label(candidate: str, spec: DistillSpec) -> str:
+    """The progress bar's name for a candidate's generation."""
+    label = {"rewrite": "SDFT rewrite", "own_answer": "SDFT own answer"}[_kind_of(candidate)]
+    if _kind_of(candidate) == "rewrite" and spec.rewrite_samples > 1:
+        label += f" {_sample_number(candidate) + 1}/{spec.rewrite_samples}"
+    return label
+
+
 def _candidate(
-    kind: str, record: Mapping[str, Any], target: RewriteTarget, dataset: Dataset, spec: DistillSpec, cache: RowCache
+    candidate: str,
+    kind: str,
+    record: Mapping[str, Any],
+    target: RewriteTarget,
+    dataset: Dataset,
+    spec: DistillSpec,
+    cache: RowCache,
 ) -> dict[str, Any]:
     """A generated candidate judged: cut at `max_new_tokens` (unless kept), then the acceptance rules."""
     truncated = record["truncated"]
     reason = "truncated" if truncated and not spec.keep_truncated else None
     reason = reason or _judge(record["rewrite"], target, dataset, spec, cache, kind)
-    return {"kind": kind, "text": record["rewrite"], "truncated": truncated, "reason": reason}
+    return {"id": candidate, "kind": kind, "text": record["rewrite"], "truncated": truncated, "reason": reason}
 
 
 def _first_passing(candidates: list[dict[str, Any]]) -> str:
-    return next((c["kind"] for c in candidates if c["reason"] is None), "reference")
+    return next((c["id"] for c in candidates if c["reason"] is None), "reference")
 
 
 def _per_token(score: tuple[float, int]) -> float:
@@ -352,8 +399,8 @@ def _per_token(score: tuple[float, int]) -> float:
 
 def _least_surprising(unit: tuple[int, int], candidates: list[dict[str, Any]], nll: dict) -> str:
     """The passing candidate (the reference always passes) with the lowest NLL per token; ties go to the earlier."""
-    kinds = [c["kind"] for c in candidates if c["reason"] is None] + ["reference"]
-    return min(kinds, key=lambda kind: _per_token(nll[(*unit, kind)]))
+    passing = [c["id"] for c in candidates if c["reason"] is None] + ["reference"]
+    return min(passing, key=lambda candidate: _per_token(nll[(*unit, candidate)]))
 
 
 def _row_reason(candidates: list[dict[str, Any]], chosen: str) -> str | None:
@@ -370,15 +417,16 @@ def _audit_candidates(target: RewriteTarget, candidates: list[dict[str, Any]], n
     if target.skip:
         return []
     unit = (target.row, target.turn)
-    reference = {"kind": "reference", "text": target.reference, "truncated": False, "reason": None}
+    reference = {"id": "reference", "kind": "reference", "text": target.reference, "truncated": False, "reason": None}
     return [
         {
             "kind": c["kind"],
+            **({"sample": _sample_number(c["id"]) + 1} if c["id"] != c["kind"] else {}),
             "text": c["text"],
             "accepted": c["reason"] is None,
             "reason": c["reason"],
             "truncated": c["truncated"],
-            "seed_nll": round(_per_token(nll[(*unit, c["kind"])]), 4) if (*unit, c["kind"]) in nll else None,
+            "seed_nll": round(_per_token(nll[(*unit, c["id"])]), 4) if (*unit, c["id"]) in nll else None,
         }  # fmt: skip
         for c in [*candidates, reference]
     ]
@@ -401,7 +449,7 @@ def _seed_nll(
     for t in share:
         for candidate in judged[(t.row, t.turn)]:
             if wanted(candidate, (t.row, t.turn)):
-                keys.append((t.row, t.turn, candidate["kind"]))
+                keys.append((t.row, t.turn, candidate["id"]))
                 pairs.append((t.instruction, candidate["text"]))
     local = dict(zip(keys, response_nll(engine, tokenizer, pairs, max_positions), strict=True))
     scores = {}
