@@ -65,4 +65,14 @@ class SDFTScriptArguments(ScriptArguments):
         },
     )
     eval_ifeval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of an IFEval answer."})
+    eval_drift_samples: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, the drift before and after: how much less likely the model finds the seed model's own "
+            "greedy answers to this many of the 541 IFEval prompts (NLL per token, minus the seed's own)."
+        },
+    )
+    eval_drift_max_new_tokens: int = field(
+        default=128, metadata={"help": "Generation budget of the seed model's answers that the drift scores."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the before/after probes."})

@@ -22,14 +22,16 @@ is unchanged (training settings, adapter weights, probe settings): an interrupte
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from _common import set_model_init_kwargs  # first: its warning filters
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_selfdistill import SDFTDynSDPBConfig
 from trl_selfdistill.data import load_task_dataset
-from trl_selfdistill.evaluation.arms import ARMS, DEFAULT_ARMS
+from trl_selfdistill.evaluation.arms import ARMS, DEFAULT_ARMS, register_variants
 from trl_selfdistill.evaluation.benchmark import run_forgetting_benchmark
 from trl_selfdistill.evaluation.probes import ProbeArguments
 from trl_selfdistill.evaluation.report import REPORT_JSON, REPORT_MARKDOWN
@@ -55,6 +57,20 @@ class BenchmarkScriptArguments(ScriptArguments):
         default="raw",
         metadata={"help": "Raw GSM8K answers: `raw` (as on the Hub) or `official` (the SDFT code's preparation)."},
     )
+    arm_variants: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Arms defined as variants of others, as a dict or JSON: {name: {of: arm, label: text, overrides: "
+            "{config field: value}}}, e.g. SDFT with another checker; name them in `arms`."
+        },
+    )
+    native_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The same questions with the references in the seed model's own style, for the `sft_native` arm "
+            "(e.g. `bundled/addition` beside `--dataset_name bundled/addition-german`)."
+        },
+    )
 
 
 def main(
@@ -64,6 +80,8 @@ def main(
     model_args: ModelConfig,
 ) -> None:
     set_model_init_kwargs(training_args, model_args)
+    variants = script_args.arm_variants
+    register_variants(json.loads(variants) if isinstance(variants, str) else variants or {})
     train_dataset = load_task_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,
@@ -71,6 +89,15 @@ def main(
         max_samples=script_args.max_train_samples,
         gsm8k_style=script_args.gsm8k_style,
     )
+    native_dataset = None
+    if script_args.native_dataset_name is not None:
+        native_dataset = load_task_dataset(
+            script_args.native_dataset_name,
+            split=script_args.dataset_train_split,
+            config=script_args.dataset_config,
+            max_samples=script_args.max_train_samples,
+            gsm8k_style=script_args.gsm8k_style,
+        )
     report = run_forgetting_benchmark(
         model_args.model_name_or_path,
         training_args,
@@ -81,6 +108,7 @@ def main(
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
         dataset_name=script_args.dataset_name,
+        native_dataset=native_dataset,
     )
     with open(f"{training_args.output_dir}/{REPORT_MARKDOWN}", encoding="utf-8") as handle:
         print(handle.read())

@@ -33,6 +33,7 @@ from trl_selfdistill.evaluation.benchmark import (
     run_forgetting_benchmark,
     same_updates_for_every_arm,
 )
+from trl_selfdistill.evaluation.ifeval_floor import IFEVAL_HARD_KEYS
 from trl_selfdistill.evaluation.probes import ProbeArguments, ResultCache, probe_items, probe_settings
 from trl_selfdistill.evaluation.report import CHART_FILE, REPORT_JSON, REPORT_MARKDOWN, recorded_training_settings
 from trl_selfdistill.sdft.config import SDFTConfig
@@ -148,7 +149,8 @@ def test_benchmark_end_to_end_with_two_seeds_then_resumes_without_redoing_work(t
 
     # The report: means over the two seeds, with intervals; differences paired with SFT and with the seed model.
     assert report["models"] == ["seed", *HEADLINE_ARMS] and report["seeds"] == SEEDS
-    assert report["items"] == {"addition": 2, "ifeval": 3, "general": 2}
+    hard = sum(row["key"] in IFEVAL_HARD_KEYS for row in probe_items("ifeval", probes))  # IFEval's hard prompts
+    assert report["items"] == {"addition": 2, "ifeval": 3, "ifeval_hard": hard, "general": 2}
     for arm in HEADLINE_ARMS:
         for probe in TINY_PROBES:
             runs = report["per_seed"][arm][probe]
@@ -161,13 +163,14 @@ def test_benchmark_end_to_end_with_two_seeds_then_resumes_without_redoing_work(t
         "inst_level_strict_acc",
         "prompt_level_loose_acc",
         "inst_level_loose_acc",
+        "answer_words",
     }
     assert report["targets"]["task_probe"] == "addition"
     assert report["training"]["learning_rate"] == 1e-2 and report["elapsed_seconds"] > 0
     assert json.loads(open(os.path.join(output_dir, REPORT_JSON)).read())["scores"] == report["scores"]
     table = open(os.path.join(output_dir, REPORT_MARKDOWN)).read()
     assert "Difference from vanilla SFT" in table and "addition (task) (n=2)" in table
-    for probe in TINY_PROBES:
+    for probe in [*TINY_PROBES, "ifeval_hard"]:
         assert open(os.path.join(output_dir, CHART_FILE.format(probe=probe)), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # A rerun trains nothing and recomputes nothing.

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class Arm:
     config_class: type
     overrides: dict[str, Any] = field(default_factory=dict)
     beside: str | None = None  # the arm it is compared with besides vanilla SFT (`vs_<beside>` in the report)
+    # "task": the benchmark's training set; "native": the same questions with references in the model's own style
+    data: str = "task"
 
 
 # The paper's SDFT, whatever the shared config says of the follow-up options (own answers, lowest NLL).
@@ -59,6 +62,7 @@ ARMS: dict[str, Arm] = {
     arm.name: arm
     for arm in (
         Arm("sft", "vanilla SFT", SFTTrainer, SFTConfig),
+        Arm("sft_native", "vanilla SFT, native references", SFTTrainer, SFTConfig, data="native"),
         Arm("sdft", "SDFT", SDFTTrainer, SDFTConfig, PAPER_SDFT),
         Arm(
             "sdft_own_answer",
@@ -83,12 +87,57 @@ ARMS: dict[str, Arm] = {
 }
 """The arms, in table order; `sdft_dynsdpb` is [`SDFTDynSDPBTrainer`] (SDFT's rewrite, then DynSDPB's loss).
 
+`sft_native` is vanilla SFT on the benchmark's *native* dataset: the same questions and answers with the references
+written in the seed model's own style, where the task's references are in a foreign one (the forgetting experiment of
+`hypotheses.py`: does a foreign style make SFT forget more, and does SDFT close that gap?).
+
 `sdft_own_answer` trains on the seed model's own answer to the instruction when the checker passes it (else SDFT's
 rewrite, else the reference); `sdft_lowest_nll` on the passing candidate (own answer, rewrite, reference) the seed
 model finds least surprising. Both need a checker other than `none`, and are compared with `sdft` as well as with SFT.
 """
 DEFAULT_ARMS = ["sft", "sdft", "dynsdpb", "dlb", "sdft_dynsdpb"]
 """The arms trained when none are named: those that run with any `sdft_checker` (the own-answer ones need one)."""
+
+
+def register_variants(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Adds arms defined as variants of others (a benchmark config's `arm_variants`) to `ARMS`; returns their names.
+
+    `{"sdft_strict": {"of": "sdft", "label": "SDFT, strict checker", "overrides": {"sdft_checker": "math_strict"}}}`
+    trains as its base arm (`of`) with `overrides` on top of the base's own, and is compared with its base
+    (`vs_<base>` in the report) besides SFT: one run can then measure an option of a method against the method, on
+    the same seeds, data and probes. Registering the same variant again is a no-op; another under a taken name fails.
+    """
+    names = []
+    for name, definition in variants.items():
+        unknown = sorted(set(definition) - {"of", "label", "overrides"})
+        if unknown or "of" not in definition:
+            raise ValueError(
+                f"Arm variant `{name}`: give `of` (the arm it varies), optionally `label` and `overrides` (config "
+                f"fields); got {sorted(definition)}."
+            )
+        base = ARMS.get(definition["of"])
+        if base is None:
+            raise ValueError(f"Arm variant `{name}` varies `{definition['of']}`, which is not an arm: {list(ARMS)}.")
+        overrides = dict(definition.get("overrides") or {})
+        fields = {f.name for f in dataclasses.fields(base.config_class)}
+        strangers = sorted(set(overrides) - fields)
+        if strangers:
+            raise ValueError(
+                f"Arm variant `{name}` overrides {strangers}, which {base.config_class.__name__} (the config of "
+                f"`{base.name}`) does not have."
+            )
+        arm = dataclasses.replace(
+            base,
+            name=name,
+            label=str(definition.get("label") or f"{base.label}, {name}"),
+            overrides={**base.overrides, **overrides},
+            beside=base.name,
+        )
+        if name in ARMS and ARMS[name] != arm:
+            raise ValueError(f"An arm named `{name}` exists already: give the variant another name.")
+        ARMS[name] = arm
+        names.append(name)
+    return names
 
 
 def check_arms(names: list[str]) -> list[str]:

@@ -31,14 +31,16 @@ from trl.trainer.utils import create_model_from_path
 
 from ..models import resolve_model_name
 from ..sdft_dynsdpb import SDFTDynSDPBConfig
+from . import hypotheses
 from .arms import ARMS, DEFAULT_ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm, weights_digest
-from .probes import ProbeArguments, ResultCache, run_probe
+from .probes import PROBES, ProbeArguments, ResultCache, drift_seed_answers, run_probe
 from .report import check_chart_support, write_report
 from .similarity import SentenceEmbedder, mean_cosine_similarity
 
 logger = logging.get_logger(__name__)
 
 RESULTS_DIR = "results"
+HYPOTHESES_FILE = "hypotheses.md"
 
 
 def run_forgetting_benchmark(
@@ -53,6 +55,7 @@ def run_forgetting_benchmark(
     quantization_config=None,
     embedder: SentenceEmbedder | None = None,
     dataset_name: str | None = None,
+    native_dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Trains every arm of `arms` (default `DEFAULT_ARMS`) once per seed, probes the seed model and every trained arm,
     and writes the report into `training_args.output_dir`.
@@ -63,6 +66,9 @@ def run_forgetting_benchmark(
     step's). Each of `seeds` (default: `[training_args.seed]`) replaces `seed` for one training run of every arm, so
     arm `a` seed `k` and arm `b` seed `k` start alike. Finished arms and probe results are reused only when
     everything that produced them is unchanged, so an interrupted run resumes where it stopped.
+
+    `native_dataset` is what the arms with `Arm.data == "native"` (`sft_native`) train on instead: the same questions
+    as `train_dataset`, with the references in the seed model's own style.
 
     Returns the report (also written as `forgetting_benchmark.json`, with `forgetting_benchmark.md` and the charts).
     """
@@ -78,9 +84,17 @@ def run_forgetting_benchmark(
     if "general" in probe_args.probes and embedder is None:
         embedder = SentenceEmbedder()  # loaded now: a missing embedder fails before hours of training
     model_path = resolve_model_name(model_name)
+    datasets = arm_datasets(arms, train_dataset, native_dataset)
     shared = same_updates_for_every_arm(training_args, len(train_dataset))
-    check_arm_inputs(arms, shared, train_dataset)
+    for name in arms:
+        check_arm_inputs([name], shared, datasets[name])
     output_dir = training_args.output_dir
+    if hypotheses.applies(arms, probe_args.probes):  # the rules are printed, and on disk, before anything trains
+        rules = hypotheses.describe_hypotheses()
+        logger.warning(rules)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, HYPOTHESES_FILE), "w", encoding="utf-8") as handle:
+            handle.write(rules + "\n")
 
     runs = [(name, seed) for seed in seeds for name in arms]
     records: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
@@ -92,7 +106,7 @@ def run_forgetting_benchmark(
             ARMS[name],
             model_path,
             with_seed(shared, seed),
-            train_dataset,
+            datasets[name],
             arm_dir(output_dir, name, seed),
             peft_config=peft_config,
             quantization_config=quantization_config,
@@ -120,6 +134,44 @@ def run_forgetting_benchmark(
         peft_config=peft_config,
         elapsed_seconds=time.monotonic() - started,
     )
+
+
+def arm_datasets(arms: list[str], train_dataset: Dataset, native_dataset: Dataset | None) -> dict[str, Dataset]:
+    """What each arm trains on: the task's dataset, or for the native-reference arms the native one, checked to hold
+    the same questions."""
+    native_arms = [name for name in arms if ARMS[name].data == "native"]
+    if native_arms and native_dataset is None:
+        raise ValueError(
+            f"The arm(s) {native_arms} train on the same questions with the references in the seed model's own style, "
+            "but no such dataset was given: pass `native_dataset` (the script's `--native_dataset_name`, e.g. "
+            "`bundled/addition` beside `--dataset_name bundled/addition-german`)."
+        )
+    if native_arms:
+        _check_same_questions(train_dataset, native_dataset)
+    return {name: native_dataset if ARMS[name].data == "native" else train_dataset for name in arms}
+
+
+def _check_same_questions(train_dataset: Dataset, native_dataset: Dataset) -> None:
+    """The native dataset must ask what the task's asks, in the same order: only the references' style may differ."""
+    if len(train_dataset) != len(native_dataset):
+        raise ValueError(
+            f"The native dataset has {len(native_dataset)} rows and the training dataset {len(train_dataset)}: they "
+            "must hold the same questions (only the references' style differs): give both the same number of rows."
+        )
+    if _questions(train_dataset) != _questions(native_dataset):
+        raise ValueError(
+            "The native dataset asks other questions than the training dataset (or in another order): only the "
+            "references' style may differ between them."
+        )
+
+
+def _questions(dataset: Dataset) -> list[Any]:
+    """Each row without its responses: the prompt, or the conversation's non-assistant turns."""
+    if "prompt" in dataset.column_names:
+        return dataset["prompt"]
+    if "messages" in dataset.column_names:
+        return [[turn for turn in row if turn["role"] != "assistant"] for row in dataset["messages"]]
+    return []
 
 
 def check_seeds(seeds: list[int]) -> list[int]:
@@ -185,6 +237,9 @@ def probe_every_model(
     base = create_model_from_path(model_name, **init_kwargs)
     seed_identity = {"model": model_name, "init": {key: str(value) for key, value in sorted(init_kwargs.items())}}
     peft_model = None
+    answers = None  # the seed model's own answers, scored by every model for its drift
+    if any(PROBES[probe].scores_seed_answers for probe in probe_args.probes):
+        answers = drift_seed_answers(base, tokenizer, probe_args, cache, SEED_MODEL, seed_identity)
     results: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(models) * len(probe_args.probes), desc="forgetting probes (models x probes)") as progress:
         for name, directory in models:
@@ -206,7 +261,7 @@ def probe_every_model(
             results[name] = {}
             for probe in probe_args.probes:
                 progress.set_postfix_str(f"{name}: {probe}")
-                results[name][probe] = run_probe(probe, name, model, tokenizer, probe_args, cache, identity)
+                results[name][probe] = run_probe(probe, name, model, tokenizer, probe_args, cache, identity, answers)
                 progress.update()
     return results
 

@@ -6,6 +6,8 @@ as the SDFT paper does (Yang et al., ACL 2024, arXiv 2402.13669):
 - `addition`: the default task (two-digit addition, bundled), last integer against the label, with the GSM8K prompt;
 - `gsm8k`: the paper's task, last integer against the label, with the paper's evaluation prompt;
 - `ifeval`: instruction following (IFEval), scored by lm-eval's own IFEval implementation;
+- `drift`: the NLL per token of the seed model's own greedy answers to the IFEval prompts (generated once, reused for
+  every model): its difference from the seed's own is the drift, the forgetting measure with no floor (drift.py);
 - `humaneval`: pass@1, the generated code run against the unit tests in a sandbox;
 - `advbench`, `advbench_jailbreak`: the safe rate by the paper's refusal keywords, raw and with its jailbreak suffix;
 - `general`: answers to general prompts, scored afterwards against the seed model's answers (cosine similarity of
@@ -29,6 +31,7 @@ import torch
 from ..data import bundled_addition
 from .advbench import evaluate_advbench, load_advbench
 from .answers import sample_rows
+from .drift import answers_digest, evaluate_drift, seed_answers
 from .gsm8k import evaluate_gsm8k, load_gsm8k_test
 from .humaneval import evaluate_humaneval, load_humaneval
 from .ifeval import evaluate_ifeval, load_ifeval  # lm-eval itself is imported only when IFEval is scored
@@ -44,12 +47,17 @@ class ProbeArguments:
 
     probes: list[str] = field(
         default_factory=lambda: ["gsm8k", "humaneval", "advbench", "advbench_jailbreak", "ifeval", "general"],
-        metadata={"help": "Probes to run: addition, gsm8k, humaneval, advbench, advbench_jailbreak, ifeval, general."},
+        metadata={
+            "help": "Probes to run: addition, gsm8k, humaneval, advbench, advbench_jailbreak, ifeval, drift, general."
+        },
     )
     addition_samples: int | None = field(
         default=None, metadata={"help": "Addition test questions (of 500; null: all): the default task."}
     )
     ifeval_samples: int | None = field(default=None, metadata={"help": "IFEval prompts (of 541; null: all)."})
+    drift_samples: int | None = field(
+        default=None, metadata={"help": "IFEval prompts whose seed-model answers the drift probe scores (of 541)."}
+    )
     gsm8k_samples: int | None = field(default=None, metadata={"help": "GSM8K test questions (of 1319; null: all)."})
     humaneval_samples: int | None = field(default=None, metadata={"help": "HumanEval problems (of 164; null: all)."})
     advbench_samples: int | None = field(
@@ -67,6 +75,9 @@ class ProbeArguments:
     humaneval_max_new_tokens: int = field(default=512, metadata={"help": "Generation budget of a HumanEval answer."})
     advbench_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of an AdvBench answer."})
     general_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget of a general answer."})
+    drift_max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation budget of the seed model's answers that the drift probe scores."}
+    )
     humaneval_timeout: float = field(default=10.0, metadata={"help": "Seconds one HumanEval program may run."})
     eval_batch_size: str = field(
         default="auto", metadata={"help": "Prompts generated together by the probes, or 'auto' (from free memory)."}
@@ -88,7 +99,7 @@ class ProbeArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be at least 1, or null for every item; got {value}.")
-        for name in ("addition", "gsm8k", "humaneval", "advbench", "ifeval", "general"):
+        for name in ("addition", "gsm8k", "humaneval", "advbench", "ifeval", "general", "drift"):
             if getattr(self, f"{name}_max_new_tokens") < 1:
                 raise ValueError(f"`{name}_max_new_tokens` must be at least 1.")
         if self.humaneval_timeout <= 0:
@@ -112,6 +123,7 @@ class ProbeArguments:
 SAMPLE_FIELDS = (
     "addition_samples",
     "ifeval_samples",
+    "drift_samples",
     "gsm8k_samples",
     "humaneval_samples",
     "advbench_samples",
@@ -139,6 +151,7 @@ class Probe:
     load: Callable[[int | None, int], list[Any]]  # (sample size, seed) -> the probe's items
     run: Callable[..., dict[str, Any]]
     item_key: str = ""  # the key of each entry of the result's `outputs` that is the item's outcome
+    scores_seed_answers: bool = False  # its items are the seed model's answers (`drift_seed_answers`), not `load`'s
 
 
 def item_outcomes(name: str, result: dict[str, Any]) -> list[float]:
@@ -203,6 +216,10 @@ def _advbench(jailbreak: bool):
     return run
 
 
+def _drift(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
+    return evaluate_drift(model, tokenizer, items)
+
+
 def _general(model, tokenizer, args: ProbeArguments, items) -> dict[str, Any]:
     answers = general_answers(
         model, tokenizer, items, batch_size=args.eval_batch_size, max_new_tokens=args.general_max_new_tokens
@@ -232,6 +249,17 @@ PROBES: dict[str, Probe] = {
             load_ifeval,
             _ifeval,
             "prompt_level_strict_acc",
+        ),
+        Probe(
+            "drift",
+            "NLL of the seed's IFEval answers",
+            "mean_nll",
+            "drift_samples",
+            "drift_max_new_tokens",
+            load_ifeval,
+            _drift,
+            "nll_per_token",
+            scores_seed_answers=True,
         ),
         Probe(
             "gsm8k", "GSM8K", "accuracy", "gsm8k_samples", "gsm8k_max_new_tokens", load_gsm8k_test, _gsm8k, "correct"
@@ -276,9 +304,35 @@ PROBES: dict[str, Probe] = {
 
 
 def probe_items(name: str, args: ProbeArguments) -> list[Any]:
-    """The probe's questions: the same sample for every model."""
+    """The probe's questions: the same sample for every model (for `drift`, the prompts the seed model answers)."""
     probe = PROBES[name]
     return probe.load(getattr(args, probe.samples_field), args.probe_seed)
+
+
+SEED_ANSWERS = "drift_answers"
+"""The seed model's answers that `drift` scores, cached as `<results>/seed/drift_answers.json`."""
+
+
+def drift_seed_answers(
+    model, tokenizer, args: ProbeArguments, cache: ResultCache, model_name: str, model_identity: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The seed model's greedy answers to the drift probe's prompts: from the cache, or generated once and cached.
+
+    `model` must be the seed model itself (no adapter); `model_identity` names it, as for the probes' results.
+    """
+    settings = probe_settings("drift", args, model_identity)
+    result = cache.get(model_name, SEED_ANSWERS, settings)
+    if result is None:
+        answers = seed_answers(
+            model,
+            tokenizer,
+            probe_items("drift", args),
+            max_new_tokens=args.drift_max_new_tokens,
+            batch_size=args.eval_batch_size,
+        )
+        result = {"answers": answers}
+        cache.put(model_name, SEED_ANSWERS, settings, result)
+    return result["answers"]
 
 
 def probe_settings(name: str, args: ProbeArguments, model_identity: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -330,11 +384,22 @@ def run_probe(
     args: ProbeArguments,
     cache: ResultCache,
     model_identity: dict[str, Any] | None = None,
+    seed_answers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The probe's result for `model` (called `model_name` in the cache): from the cache, or computed and cached."""
+    """The probe's result for `model` (called `model_name` in the cache): from the cache, or computed and cached.
+
+    A probe that scores the seed model's answers (`drift`) takes them as `seed_answers` (see `drift_seed_answers`);
+    its result is tied to their digest.
+    """
+    probe = PROBES[name]
+    if probe.scores_seed_answers and seed_answers is None:
+        raise ValueError(f"The `{name}` probe scores the seed model's answers: pass `seed_answers`.")
     settings = probe_settings(name, args, model_identity)
+    if probe.scores_seed_answers:
+        settings["seed_answers"] = answers_digest(seed_answers)
     result = cache.get(model_name, name, settings)
     if result is None:
-        result = PROBES[name].run(model, tokenizer, args, probe_items(name, args))
+        items = seed_answers if probe.scores_seed_answers else probe_items(name, args)
+        result = probe.run(model, tokenizer, args, items)
         cache.put(model_name, name, settings, result)
     return result

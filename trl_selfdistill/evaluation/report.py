@@ -23,14 +23,22 @@ import os
 import statistics
 from typing import Any
 
+from . import hypotheses
 from .arms import ARMS, SEED_MODEL
+from .ifeval_floor import hard_subset, mean_answer_words
 from .probes import PROBES, ProbeArguments, item_outcomes
-from .stats import Estimate, mean_over_items, mean_over_seeds, paired_difference
+from .stats import mean_over_items, mean_over_seeds, minimum_detectable_difference, paired_difference
 
 REPORT_JSON = "forgetting_benchmark.json"
 REPORT_MARKDOWN = "forgetting_benchmark.md"
 CHART_FILE = "chart_{probe}.png"
+DRIFT_CHART_FILE = "chart_drift_vs_task.png"
+DERIVED_COLUMNS = {"ifeval": ("ifeval_hard",)}
+"""Scores read from another probe's answers, reported as columns of their own: IFEval on its hard prompts (those no
+constant reply passes, `ifeval_floor.py`), from the IFEval probe's results."""
+COLUMN_LABELS = {"ifeval_hard": "IFEval-hard prompt strict"}
 BASELINE_ARM = "sft"
+TASK_PROBES = ("addition", "gsm8k")
 IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 TASK_TARGETS = {"seed_score_low": 0.10, "seed_score_high": 0.70, "accepted_share": 0.80, "standard_errors": 2.0}
 """What the default run must show to be a miniature in which the effect can appear (printed with the report)."""
@@ -56,13 +64,31 @@ def beside_arms(arms: list[str]) -> dict[str, str]:
     return {arm: ARMS[arm].beside for arm in arms if arm in ARMS and ARMS[arm].beside in arms}
 
 
+def columns_of(probes: list[str]) -> list[str]:
+    """The report's columns: every probe, each followed by the scores derived from it (`DERIVED_COLUMNS`)."""
+    return [column for probe in probes for column in (probe, *DERIVED_COLUMNS.get(probe, ()))]
+
+
+def column_label(column: str) -> str:
+    return COLUMN_LABELS.get(column) or PROBES[column].label
+
+
 def per_item(
     results: dict[str, dict[str, Any]], similarities: dict[str, dict[str, Any]], model: str, probe: str
 ) -> list[float]:
-    """One model's outcome on each of the probe's items; for `general`, each prompt's similarity to the seed's."""
+    """One model's outcome on each of the probe's items; for `general`, each prompt's similarity to the seed's; for
+    `ifeval_hard`, the IFEval outcomes of the hard prompts."""
     if probe == "general":
         return list(similarities[model]["per_prompt"])
+    if probe == "ifeval_hard":
+        return [float(outcome) for outcome in hard_subset(results[model]["ifeval"])["outcomes"]]
     return item_outcomes(probe, results[model][probe])
+
+
+def _difference(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
+    """A paired difference with the smallest difference its run could detect at 80 % power."""
+    estimate = paired_difference(a, b)
+    return {**estimate.as_dict(), "minimum_detectable": minimum_detectable_difference(estimate)}
 
 
 def aggregate(
@@ -76,6 +102,8 @@ def aggregate(
 
     `results` is keyed by model: `seed` and `<arm>/seed-<seed>`. Returns `{"scores", "per_seed", "vs_sft",
     "vs_seed"}`; `vs_sft` is present for every arm but SFT when SFT is an arm; `general` has no seed-model score.
+    Columns derived from a probe (`ifeval_hard`) come with it. With both SFT arms and the drift probe, `hypotheses`
+    holds the verdicts of `hypotheses.judge`.
     An arm compared with another arm too (`Arm.beside`, when that arm is in the run) adds `vs_<other arm>`, e.g.
     `vs_sdft`, with the same paired differences.
     """
@@ -85,32 +113,41 @@ def aggregate(
     vs_seed: dict[str, dict[str, Any]] = {}
     besides = beside_arms(arms)
     vs_beside: dict[str, dict[str, dict[str, Any]]] = {f"vs_{other}": {} for other in besides.values()}
-    for probe in probes:
+    by_probe: dict[str, dict[str, list[list[float]]]] = {}  # [probe][arm][seed][item], for the hypotheses
+    for probe in columns_of(probes):
         seed_items = None if probe == "general" else per_item(results, similarities, SEED_MODEL, probe)
         scores[SEED_MODEL][probe] = None if seed_items is None else mean_over_items(seed_items).as_dict()
         items = {arm: [per_item(results, similarities, f"{arm}/seed-{seed}", probe) for seed in seeds] for arm in arms}
         for arm in arms:
-            runs = [statistics.fmean(row) for row in items[arm]]
+            runs = [statistics.fmean(row) if row else 0.0 for row in items[arm]]
             per_seed.setdefault(arm, {})[probe] = runs
             scores.setdefault(arm, {})[probe] = mean_over_seeds(runs).as_dict()
             if seed_items is not None:
-                vs_seed.setdefault(arm, {})[probe] = paired_difference(items[arm], [seed_items]).as_dict()
+                vs_seed.setdefault(arm, {})[probe] = _difference(items[arm], [seed_items])
             if BASELINE_ARM in arms and arm != BASELINE_ARM:
-                vs_sft.setdefault(arm, {})[probe] = paired_difference(items[arm], items[BASELINE_ARM]).as_dict()
+                vs_sft.setdefault(arm, {})[probe] = _difference(items[arm], items[BASELINE_ARM])
             if arm in besides:
-                difference = paired_difference(items[arm], items[besides[arm]]).as_dict()
+                difference = _difference(items[arm], items[besides[arm]])
                 vs_beside[f"vs_{besides[arm]}"].setdefault(arm, {})[probe] = difference
-    return {"scores": scores, "per_seed": per_seed, "vs_sft": vs_sft, "vs_seed": vs_seed, **vs_beside}
+        by_probe[probe] = items
+    aggregated = {"scores": scores, "per_seed": per_seed, "vs_sft": vs_sft, "vs_seed": vs_seed, **vs_beside}
+    if hypotheses.applies(arms, probes):
+        task_probe = next((name for name in TASK_PROBES if name in probes), None)
+        aggregated["hypotheses"] = hypotheses.judge(by_probe, task_probe)
+    return aggregated
 
 
 def ifeval_metrics(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> dict[str, Any]:
-    """lm-eval's four IFEval accuracies per model (trained arms: mean over seeds)."""
-    table = {SEED_MODEL: {metric: results[SEED_MODEL]["ifeval"][metric] for metric in IFEVAL_METRICS}}
+    """lm-eval's four IFEval accuracies per model, and the answers' mean length in words (trained arms: mean over
+    seeds): a terse collapse, which IFEval's checkers pass, shows in the length."""
+
+    def measures(result: dict[str, Any]) -> dict[str, float]:
+        return {**{metric: result[metric] for metric in IFEVAL_METRICS}, "answer_words": mean_answer_words(result)}
+
+    table = {SEED_MODEL: measures(results[SEED_MODEL]["ifeval"])}
     for arm in arms:
-        table[arm] = {
-            metric: statistics.fmean(results[f"{arm}/seed-{seed}"]["ifeval"][metric] for seed in seeds)
-            for metric in IFEVAL_METRICS
-        }
+        runs = [measures(results[f"{arm}/seed-{seed}"]["ifeval"]) for seed in seeds]
+        table[arm] = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
     return table
 
 
@@ -161,15 +198,19 @@ def _rewrites_alone(gap: dict[str, Any]) -> bool:
 def recorded_training_settings(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """The settings every trained arm recorded, shared by all (the seed aside), as they produced the numbers.
 
-    A setting that differs between arms other than by the arm's own definition (its DynSDPB mode, its seed) means
-    results of different runs were mixed: refused, naming the setting.
+    A setting that differs between arms other than by the arm's own definition (its overrides, such as the DynSDPB
+    mode; its seed; the native arms' dataset) means results of different runs were mixed: refused, naming it.
     """
-    arm_specific = {"seed", "dynsdpb_mode"}
     merged: dict[str, Any] = {}
+    native: dict[str, Any] = {}
     for arm, by_seed in records.items():
+        # what defines the arm (its overrides; the native arms' dataset, recorded beside the task's) may differ
+        arm_specific = {"seed", *ARMS[arm].overrides, *(["train_dataset"] if ARMS[arm].data == "native" else [])}
         for seed, record in by_seed.items():
             run = f"{arm}/seed-{seed}"
             for key, value in record.get("settings", {}).items():
+                if key == "train_dataset" and key in arm_specific:
+                    native.setdefault("native_train_dataset", value)
                 if key in arm_specific:
                     continue
                 if key in merged and merged[key][1] != value and key in _SHARED_KEYS:
@@ -178,7 +219,7 @@ def recorded_training_settings(records: dict[str, dict[int, dict[str, Any]]]) ->
                         f"{run} has {value!r}. Rerun the benchmark: arms whose settings changed are trained again."
                     )
                 merged.setdefault(key, (run, value))
-    return {key: value for key, (_, value) in merged.items() if key in _SHARED_KEYS}
+    return {**{key: value for key, (_, value) in merged.items() if key in _SHARED_KEYS}, **native}
 
 
 _SHARED_KEYS = (
@@ -223,7 +264,10 @@ def write_report(
         "models": [SEED_MODEL, *arms],
         "labels": {model: label_of(model) for model in [SEED_MODEL, *arms]},
         "seeds": seeds,
-        "items": {name: len(per_item(results, similarities, f"{arms[0]}/seed-{seeds[0]}", name)) for name in probes},
+        "items": {
+            name: len(per_item(results, similarities, f"{arms[0]}/seed-{seeds[0]}", name))
+            for name in columns_of(probes)
+        },
         **aggregate(arms, seeds, probes, results, similarities),
         "distribution_gap": {
             arm: {
@@ -248,7 +292,7 @@ def write_report(
     }
     if "ifeval" in probes:
         report["ifeval"] = ifeval_metrics(results, arms, seeds)
-    task_probe = next((name for name in ("addition", "gsm8k") if name in probes), None)
+    task_probe = next((name for name in TASK_PROBES if name in probes), None)
     if task_probe is not None and report["vs_seed"]:
         report["targets"] = {"task_probe": task_probe, **task_targets(report, task_probe)}
     os.makedirs(output_dir, exist_ok=True)
@@ -256,8 +300,10 @@ def write_report(
         json.dump(report, handle, indent=2)
     with open(os.path.join(output_dir, REPORT_MARKDOWN), "w", encoding="utf-8") as handle:
         handle.write(markdown_report(report))
-    for probe in probes:
+    for probe in report["items"]:
         draw_chart(report, probe, os.path.join(output_dir, CHART_FILE.format(probe=probe)))
+    if "drift" in probes and task_probe is not None:
+        draw_drift_chart(report, task_probe, os.path.join(output_dir, DRIFT_CHART_FILE))
     return report
 
 
@@ -280,14 +326,17 @@ def _lora_settings(peft_config) -> dict[str, Any] | None:
 
 
 def _scale(probe: str) -> float:
-    return 1.0 if probe == "general" else 100.0
+    return 1.0 if probe in UNSCALED else 100.0
+
+
+UNSCALED = ("general", "drift")  # a similarity and an NLL in nats per token; the others are rates, shown in %
 
 
 def _estimate_cell(probe: str, estimate: dict[str, Any] | None) -> str:
     """`mean [low, high]`: percentages for rates, fractions for the similarity."""
     if estimate is None:
         return "—"
-    scale, digits = _scale(probe), (3 if probe == "general" else 1)
+    scale, digits = _scale(probe), (3 if probe in UNSCALED else 1)
     mean, low, high = (scale * estimate[key] for key in ("mean", "low", "high"))
     if low == high:
         return f"{mean:.{digits}f}"
@@ -297,15 +346,15 @@ def _estimate_cell(probe: str, estimate: dict[str, Any] | None) -> str:
 def _difference_cell(probe: str, estimate: dict[str, Any] | None) -> str:
     if estimate is None:
         return "—"
-    scale, digits = _scale(probe), (3 if probe == "general" else 1)
+    scale, digits = _scale(probe), (3 if probe in UNSCALED else 1)
     mean, low, high = (scale * estimate[key] for key in ("mean", "low", "high"))
-    bold = "**" if Estimate(**estimate).excludes_zero() else ""
+    bold = "**" if estimate["low"] > 0 or estimate["high"] < 0 else ""  # the interval excludes 0
     return f"{bold}{mean:+.{digits}f}{bold} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def _header(report: dict[str, Any], first: str) -> list[str]:
     probes = list(report["items"])
-    header = [first, *(f"{PROBES[p].label} (n={report['items'][p]})" for p in probes)]
+    header = [first, *(f"{column_label(p)} (n={report['items'][p]})" for p in probes)]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
 
@@ -313,9 +362,11 @@ def markdown_report(report: dict[str, Any]) -> str:
     """The scores, the paired differences from vanilla SFT and from the seed model, the targets and the gaps."""
     probes = list(report["items"])
     seeds = report["seeds"]
-    lines = [
+    lines = [*_hypotheses_lines(report), ""] if "hypotheses" in report else []
+    lines += [
         f"Scores: mean over {len(seeds)} training seed(s) {seeds} with its 95 % interval over seeds; the seed model "
-        "is one run, its interval over items. Rates in %, the similarity to the seed model's answers as a fraction.",
+        "is one run, its interval over items. Rates in %, the similarity to the seed model's answers as a fraction, "
+        "the NLL of the seed's IFEval answers in nats per token (a model's drift is its NLL minus the seed's).",
         "",
         *_header(report, "model"),
     ]
@@ -340,16 +391,27 @@ def markdown_report(report: dict[str, Any]) -> str:
         for arm, by_probe in report[key].items():
             cells = [report["labels"][arm], *(_difference_cell(p, by_probe.get(p)) for p in probes)]
             lines.append("| " + " | ".join(cells) + " |")
+        detectable = [_detectable_cell(p, [d.get(p) for d in report[key].values()]) for p in probes]
+        lines.append("| *smallest detectable at 80 % power (mean over arms)* | " + " | ".join(detectable) + " |")
     if any(d.get("item_share") is not None for by_probe in report["vs_sft"].values() for d in by_probe.values()):
         lines += ["", _sample_size_line(report)]
     if "ifeval" in report:
-        lines += ["", "IFEval, lm-eval's four accuracies (%; trained arms: mean over seeds):", ""]
-        lines += ["| model | " + " | ".join(IFEVAL_METRICS) + " |", "|" + "---|" * (len(IFEVAL_METRICS) + 1)]
+        lines += [
+            "",
+            "IFEval, lm-eval's four accuracies (%) and the answers' mean length in words (trained arms: mean over "
+            "seeds):",
+            "",
+        ]
+        lines += [
+            "| model | " + " | ".join(IFEVAL_METRICS) + " | answer words |",
+            "|" + "---|" * (len(IFEVAL_METRICS) + 2),
+        ]
         for model in report["models"]:
             values = report["ifeval"][model]
-            lines.append(
-                f"| {report['labels'][model]} | " + " | ".join(f"{100 * values[m]:.1f}" for m in IFEVAL_METRICS) + " |"
-            )
+            cells = [f"{100 * values[m]:.1f}" for m in IFEVAL_METRICS]
+            words = values.get("answer_words")
+            cells.append("—" if words is None else f"{words:.0f}")
+            lines.append(f"| {report['labels'][model]} | " + " | ".join(cells) + " |")
     if "targets" in report:
         lines += ["", *_targets_lines(report)]
     if report["distribution_gap"]:
@@ -390,6 +452,55 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _detectable_cell(probe: str, differences: list[dict[str, Any] | None]) -> str:
+    values = [d["minimum_detectable"] for d in differences if d is not None and "minimum_detectable" in d]
+    if not values:
+        return "—"
+    scale, digits = _scale(probe), (3 if probe in UNSCALED else 1)
+    return f"±{scale * statistics.fmean(values):.{digits}f}"
+
+
+def _hypotheses_lines(report: dict[str, Any]) -> list[str]:
+    """The verdicts of the hypotheses fixed before the run (`hypotheses.py`), one row per hypothesis and method."""
+    judged = report["hypotheses"]
+    labels = report["labels"]
+    premise = judged["premise"]
+    lines = [
+        "## Verdict",
+        "",
+        "Hypotheses and rules fixed before the run (`trl_selfdistill.evaluation.hypotheses`): 95 % intervals paired "
+        "by seed and item; *detectable*: the smallest difference the run could detect at 80 % power.",
+        "",
+        "| hypothesis | endpoint | estimate [95 % interval] | detectable | verdict |",
+        "|---|---|---|---|---|",
+        f"| H1, premise | drift, {labels['sft']} - {labels['sft_native']} (nats/token) | "
+        f"{_plain(premise['estimate'], 1, 3)} | ±{premise['minimum_detectable']:.3f} | **{premise['verdict']}** |",
+    ]
+    for method, verdicts in judged["methods"].items():
+        recovery = verdicts["recovery"]
+        bounds = f"[{recovery['low']:.2f}, {recovery['high']:.2f}]" if recovery["bounded"] else "unbounded"
+        lines.append(
+            f"| H2, {labels[method]} closes the gap | recovery R of the drift | {recovery['ratio']:.2f} {bounds} | "
+            f"{recovery['minimum_detectable']:.2f} | **{recovery['verdict']}** |"
+        )
+        for key, name in (("field", "H3"), ("guard", "guard")):
+            if key in verdicts:
+                entry = verdicts[key]
+                lines.append(
+                    f"| {name}, {labels[method]} | {column_label(entry['probe'])}, {labels[method]} - "
+                    f"{labels['sft']} (points) | {_plain(entry['estimate'], 100, 1)} | "
+                    f"±{100 * entry['minimum_detectable']:.1f} | **{entry['verdict']}** |"
+                )
+    lines += [""]
+    lines += [f"- **{labels[method]}**: {verdicts['conclusion']}." for method, verdicts in judged["methods"].items()]
+    return lines
+
+
+def _plain(estimate: dict[str, Any], scale: float, digits: int) -> str:
+    mean, low, high = (scale * estimate[key] for key in ("mean", "low", "high"))
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def _sample_size_line(report: dict[str, Any]) -> str:
     """Where the differences from SFT get their noise: the probe's items or the training seeds (choosing sizes)."""
     shares = []
@@ -398,7 +509,7 @@ def _sample_size_line(report: dict[str, Any]) -> str:
             d[probe]["item_share"] for d in report["vs_sft"].values() if d.get(probe, {}).get("item_share") is not None
         ]
         if values:
-            shares.append(f"{PROBES[probe].label} {statistics.fmean(values):.2f}")
+            shares.append(f"{column_label(probe)} {statistics.fmean(values):.2f}")
     return (
         "Share of the variance of the differences from SFT that comes from the probe items (mean over arms; the rest "
         "comes from the seeds): " + ", ".join(shares) + ". Near 1, more items would narrow the intervals; near 0, "
@@ -437,6 +548,40 @@ def _targets_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def draw_drift_chart(report: dict[str, Any], task_probe: str, path: str) -> None:
+    """Each trained arm's drift (NLL of the seed's answers, minus the seed's) against its task gain over the seed
+    model, both paired with the seed model, with their 95 % intervals: forgetting against learning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for number, (arm, by_probe) in enumerate(report["vs_seed"].items()):
+        gain, drift = by_probe[task_probe], by_probe["drift"]
+        axes.errorbar(
+            100 * gain["mean"],
+            drift["mean"],
+            xerr=[[100 * (gain["mean"] - gain["low"])], [100 * (gain["high"] - gain["mean"])]],
+            yerr=[[drift["mean"] - drift["low"]], [drift["high"] - drift["mean"]]],
+            fmt="o",
+            capsize=4,
+            color=f"C{number}",
+            label=report["labels"][arm],
+        )
+    axes.axhline(0, color="black", linestyle="--", linewidth=1)
+    axes.axvline(0, color="black", linestyle="--", linewidth=1)
+    axes.set_xlabel(f"{column_label(task_probe)} gain over the seed model (points)")
+    axes.set_ylabel("drift (nats/token)")
+    axes.set_title(
+        f"Forgetting against learning: {len(report['seeds'])} seeds (95 % CI), {report['model'].split('/')[-1]}"
+    )
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def draw_chart(report: dict[str, Any], probe: str, path: str) -> None:
     """The arms' mean scores on one probe as bars with their 95 % intervals (over seeds), the seed model's as a dashed
     line in its own interval (over items)."""
@@ -473,9 +618,9 @@ def draw_chart(report: dict[str, Any], probe: str, path: str) -> None:
             axes.axhspan(scale * seed["low"], scale * seed["high"], color="gray", alpha=0.2, label="seed, 95 % CI")
         axes.legend(loc="lower right")
     axes.margins(y=0.12)
-    axes.set_ylabel(f"{PROBES[probe].label}{' (%)' if scale == 100 else ''}")
+    axes.set_ylabel(f"{column_label(probe)}{' (%)' if scale == 100 else ''}")
     axes.set_title(
-        f"{PROBES[probe].label}, n={report['items'][probe]}, {len(report['seeds'])} seeds (95 % CI): "
+        f"{column_label(probe)}, n={report['items'][probe]}, {len(report['seeds'])} seeds (95 % CI): "
         f"{report['model'].split('/')[-1]}"
     )
     axes.tick_params(axis="x", labelrotation=15)
