@@ -50,6 +50,10 @@ class BenchmarkScriptArguments(ScriptArguments):
         default=None,
         metadata={"help": "Training seeds: every arm is trained once per seed (default: `seed` alone)."},
     )
+    seeds_per_arm: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Arms trained on fewer seeds, as a dict or JSON {arm: n}: the first n of `seeds`."},
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training rows (quick runs and demos)."}
     )
@@ -73,6 +77,11 @@ class BenchmarkScriptArguments(ScriptArguments):
     )
 
 
+def _json(value: dict | str | None) -> dict:
+    """A dict option as YAML gives it, or as JSON text from the command line."""
+    return json.loads(value) if isinstance(value, str) else dict(value or {})
+
+
 def main(
     script_args: BenchmarkScriptArguments,
     probe_args: ProbeArguments,
@@ -80,8 +89,7 @@ def main(
     model_args: ModelConfig,
 ) -> None:
     set_model_init_kwargs(training_args, model_args)
-    variants = script_args.arm_variants
-    register_variants(json.loads(variants) if isinstance(variants, str) else variants or {})
+    register_variants(_json(script_args.arm_variants))
     train_dataset = load_task_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,
@@ -105,6 +113,7 @@ def main(
         probe_args,
         script_args.arms,
         seeds=script_args.seeds,
+        seeds_per_arm=_json(script_args.seeds_per_arm),
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
         dataset_name=script_args.dataset_name,

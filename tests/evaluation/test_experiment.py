@@ -58,15 +58,15 @@ def test_the_experiment_end_to_end_with_two_seeds(tmp_path, tiny_model_dir, vari
     monkeypatch.setattr("trl_selfdistill.evaluation.benchmark.train_arm", train_after_checking_the_rules)
     report = run_forgetting_benchmark(
         tiny_model_dir, args, rows("foreign"), probes, ARMS_RUN, seeds=SEEDS, peft_config=lora(),
-        native_dataset=rows("native"),
+        native_dataset=rows("native"), seeds_per_arm={"sdft_tiny_variant": 1},
     )  # fmt: skip
-    assert seen_rules == [True] * 8  # the rules were on disk before the first training
+    assert seen_rules == [True] * 7  # the rules were on disk before the first training
+    assert report["arm_seeds"]["sdft_tiny_variant"] == [3] and report["arm_seeds"]["sft"] == SEEDS
+    assert len(report["per_seed"]["sdft_tiny_variant"]["drift"]) == 1  # the variant trained on the first seed only
 
     # the native arm trained on the native references, every other arm on the foreign ones
-    fingerprints = {
-        arm: json.load(open(os.path.join(arm_dir(args.output_dir, arm, 3), ARM_RECORD_FILE)))["settings"]["train_dataset"]
-        for arm in ARMS_RUN
-    }
+    records = {arm: os.path.join(arm_dir(args.output_dir, arm, 3), ARM_RECORD_FILE) for arm in ARMS_RUN}
+    fingerprints = {arm: json.load(open(path))["settings"]["train_dataset"] for arm, path in records.items()}
     assert fingerprints["sft_native"] == rows("native")._fingerprint
     assert {fingerprints[arm] for arm in ARMS_RUN[1:]} == {rows("foreign")._fingerprint}
     assert report["training"]["native_train_dataset"] == rows("native")._fingerprint
@@ -93,6 +93,9 @@ def test_the_experiment_end_to_end_with_two_seeds(tmp_path, tiny_model_dir, vari
 
 
 def test_native_arms_need_the_same_questions(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="seeds_per_arm"):
+        run_forgetting_benchmark(tiny_model_dir, shared_config(tmp_path), rows("foreign"), tiny_probes(), ["sft"],
+                                 seeds=[3, 4], seeds_per_arm={"sft": 3})  # fmt: skip
     args = shared_config(tmp_path)
     probes = tiny_probes(probes=["addition"])
     with pytest.raises(ValueError, match="native_dataset"):

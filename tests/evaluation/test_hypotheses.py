@@ -74,3 +74,11 @@ def test_the_rules_are_printed_and_apply_only_with_both_sft_arms_and_drift():
     assert applies(["sft", "sft_native", "sdft"], ["addition", "drift"])
     assert not applies(["sft", "sdft"], ["addition", "drift"])
     assert not applies(["sft", "sft_native"], ["addition", "ifeval"])
+
+
+def test_an_arm_with_fewer_seeds_is_judged_on_those_seeds():
+    full = results(sdft_drift=0.03)
+    fewer = {p: {arm: rows[:2] if arm == "sdft" else rows for arm, rows in arms.items()} for p, arms in full.items()}
+    sliced = {probe: {arm: rows[:2] for arm, rows in arms.items()} for probe, arms in full.items()}
+    assert judge(fewer, "addition")["methods"] == judge(sliced, "addition")["methods"]
+    assert judge(fewer, "addition")["premise"] == judge(full, "addition")["premise"]  # both SFT arms: every seed

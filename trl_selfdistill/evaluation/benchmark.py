@@ -51,6 +51,7 @@ def run_forgetting_benchmark(
     arms: list[str] | None = None,
     *,
     seeds: list[int] | None = None,
+    seeds_per_arm: dict[str, int] | None = None,
     peft_config=None,
     quantization_config=None,
     embedder: SentenceEmbedder | None = None,
@@ -64,8 +65,9 @@ def run_forgetting_benchmark(
     same number of optimizer updates: `max_steps`, or when it is unset the updates vanilla SFT makes in
     `num_train_epochs` (DynSDPB sees half as many new samples per update, since half of each batch repeats the last
     step's). Each of `seeds` (default: `[training_args.seed]`) replaces `seed` for one training run of every arm, so
-    arm `a` seed `k` and arm `b` seed `k` start alike. Finished arms and probe results are reused only when
-    everything that produced them is unchanged, so an interrupted run resumes where it stopped.
+    arm `a` seed `k` and arm `b` seed `k` start alike. `seeds_per_arm` trains an arm on the first `n` seeds only (a
+    costly arm in a larger run); it is then compared with the others on those seeds. Finished arms and probe results
+    are reused only when everything that produced them is unchanged, so an interrupted run resumes where it stopped.
 
     `native_dataset` is what the arms with `Arm.data == "native"` (`sft_native`) train on instead: the same questions
     as `train_dataset`, with the references in the seed model's own style.
@@ -75,6 +77,7 @@ def run_forgetting_benchmark(
     started = time.monotonic()
     arms = check_arms(list(DEFAULT_ARMS) if arms is None else arms)
     seeds = check_seeds([training_args.seed] if seeds is None else seeds)
+    arm_seeds = seeds_of_arms(arms, seeds, seeds_per_arm or {})
     if PartialState().num_processes > 1:
         raise ValueError(
             "The forgetting benchmark trains and evaluates its arms one after another in one process: run it with "
@@ -96,7 +99,7 @@ def run_forgetting_benchmark(
         with open(os.path.join(output_dir, HYPOTHESES_FILE), "w", encoding="utf-8") as handle:
             handle.write(rules + "\n")
 
-    runs = [(name, seed) for seed in seeds for name in arms]
+    runs = [(name, seed) for seed in seeds for name in arms if seed in arm_seeds[name]]
     records: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
     for number, (name, seed) in enumerate(runs, start=1):
         logger.warning(
@@ -127,6 +130,7 @@ def run_forgetting_benchmark(
         dataset_name=dataset_name,
         arms=arms,
         seeds=seeds,
+        arm_seeds=arm_seeds,
         records=records,
         results=results,
         similarities=similarities,
@@ -183,6 +187,19 @@ def check_seeds(seeds: list[int]) -> list[int]:
     if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
         raise ValueError(f"Seeds must be integers, got {seeds}.")
     return list(seeds)
+
+
+def seeds_of_arms(arms: list[str], seeds: list[int], seeds_per_arm: dict[str, int]) -> dict[str, list[int]]:
+    """Each arm's training seeds: all of `seeds`, or the first `seeds_per_arm[arm]`."""
+    strangers = sorted(set(seeds_per_arm) - set(arms))
+    if strangers:
+        raise ValueError(f"`seeds_per_arm` names {strangers}, which are not among the arms {arms}.")
+    for arm, count in seeds_per_arm.items():
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(seeds):
+            raise ValueError(
+                f"`seeds_per_arm[{arm!r}]` must be a number of seeds between 1 and {len(seeds)}, got {count!r}."
+            )
+    return {arm: seeds[: seeds_per_arm.get(arm, len(seeds))] for arm in arms}
 
 
 def with_seed(args: SDFTDynSDPBConfig, seed: int) -> SDFTDynSDPBConfig:

@@ -140,6 +140,9 @@ def judge(items: Items, task_probe: str | None) -> dict[str, Any]:
 
 
 def _judge_method(items: Items, method: str, task_probe: str | None, premise: str) -> dict[str, Any]:
+    # an arm trained on fewer seeds is judged on those seeds: every arm's seeds start alike
+    shared = len(items[DRIFT_PROBE][method])
+    items = {probe: {arm: rows[:shared] for arm, rows in by_arm.items()} for probe, by_arm in items.items()}
     drift = items[DRIFT_PROBE]
     recovery = paired_ratio((drift[FOREIGN_SFT], drift[method]), (drift[FOREIGN_SFT], drift[NATIVE_SFT]))
     closed = paired_difference(drift[FOREIGN_SFT], drift[method])  # R's numerator: the drift the method saves

@@ -86,14 +86,18 @@ def per_item(
 
 
 def _difference(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
-    """A paired difference with the smallest difference its run could detect at 80 % power."""
+    """A paired difference with the smallest difference its run could detect at 80 % power; two arms trained on
+    different numbers of seeds are paired on the seeds they share (each arm's seeds start alike)."""
+    if len(b) > 1:
+        shared = min(len(a), len(b))
+        a, b = a[:shared], b[:shared]
     estimate = paired_difference(a, b)
     return {**estimate.as_dict(), "minimum_detectable": minimum_detectable_difference(estimate)}
 
 
 def aggregate(
     arms: list[str],
-    seeds: list[int],
+    arm_seeds: dict[str, list[int]],
     probes: list[str],
     results: dict[str, dict[str, Any]],
     similarities: dict[str, dict[str, Any]],
@@ -117,7 +121,10 @@ def aggregate(
     for probe in columns_of(probes):
         seed_items = None if probe == "general" else per_item(results, similarities, SEED_MODEL, probe)
         scores[SEED_MODEL][probe] = None if seed_items is None else mean_over_items(seed_items).as_dict()
-        items = {arm: [per_item(results, similarities, f"{arm}/seed-{seed}", probe) for seed in seeds] for arm in arms}
+        items = {
+            arm: [per_item(results, similarities, f"{arm}/seed-{seed}", probe) for seed in arm_seeds[arm]]
+            for arm in arms
+        }
         for arm in arms:
             runs = [statistics.fmean(row) if row else 0.0 for row in items[arm]]
             per_seed.setdefault(arm, {})[probe] = runs
@@ -137,7 +144,9 @@ def aggregate(
     return aggregated
 
 
-def ifeval_metrics(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> dict[str, Any]:
+def ifeval_metrics(
+    results: dict[str, dict[str, Any]], arms: list[str], arm_seeds: dict[str, list[int]]
+) -> dict[str, Any]:
     """lm-eval's four IFEval accuracies per model, and the answers' mean length in words (trained arms: mean over
     seeds): a terse collapse, which IFEval's checkers pass, shows in the length."""
 
@@ -146,7 +155,7 @@ def ifeval_metrics(results: dict[str, dict[str, Any]], arms: list[str], seeds: l
 
     table = {SEED_MODEL: measures(results[SEED_MODEL]["ifeval"])}
     for arm in arms:
-        runs = [measures(results[f"{arm}/seed-{seed}"]["ifeval"]) for seed in seeds]
+        runs = [measures(results[f"{arm}/seed-{seed}"]["ifeval"]) for seed in arm_seeds[arm]]
         table[arm] = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
     return table
 
@@ -253,11 +262,14 @@ def write_report(
     results: dict[str, dict[str, Any]],
     similarities: dict[str, dict[str, Any]],
     probe_args: ProbeArguments,
+    arm_seeds: dict[str, list[int]] | None = None,
     peft_config=None,
     elapsed_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Writes the JSON, the markdown tables and the charts; returns the report."""
+    """Writes the JSON, the markdown tables and the charts; returns the report. `arm_seeds` gives the arms trained
+    on fewer seeds than `seeds` theirs (a prefix of `seeds`)."""
     probes = list(probe_args.probes)
+    arm_seeds = {arm: (arm_seeds or {}).get(arm, seeds) for arm in arms}
     report: dict[str, Any] = {
         "model": model_name,
         "dataset": dataset_name,
@@ -268,7 +280,8 @@ def write_report(
             name: len(per_item(results, similarities, f"{arms[0]}/seed-{seeds[0]}", name))
             for name in columns_of(probes)
         },
-        **aggregate(arms, seeds, probes, results, similarities),
+        **({"arm_seeds": arm_seeds} if any(arm_seeds[arm] != seeds for arm in arms) else {}),
+        **aggregate(arms, arm_seeds, probes, results, similarities),
         "distribution_gap": {
             arm: {
                 str(seed): {
@@ -291,7 +304,7 @@ def write_report(
         "elapsed_seconds": elapsed_seconds,
     }
     if "ifeval" in probes:
-        report["ifeval"] = ifeval_metrics(results, arms, seeds)
+        report["ifeval"] = ifeval_metrics(results, arms, arm_seeds)
     task_probe = next((name for name in TASK_PROBES if name in probes), None)
     if task_probe is not None and report["vs_seed"]:
         report["targets"] = {"task_probe": task_probe, **task_targets(report, task_probe)}
@@ -364,7 +377,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [*_hypotheses_lines(report), ""] if "hypotheses" in report else []
     lines += [
-        f"Scores: mean over {len(seeds)} training seed(s) {seeds} with its 95 % interval over seeds; the seed model "
+        f"Scores: mean over {len(seeds)} training seed(s) {seeds}{_fewer_seeds(report)} with its 95 % interval over "
+        "seeds; the seed model "
         "is one run, its interval over items. Rates in %, the similarity to the seed model's answers as a fraction, "
         "the NLL of the seed's IFEval answers in nats per token (a model's drift is its NLL minus the seed's).",
         "",
@@ -450,6 +464,13 @@ def markdown_report(report: dict[str, Any]) -> str:
         minutes, seconds = divmod(round(report["elapsed_seconds"]), 60)
         lines += ["", f"This run took {minutes} min {seconds} s (resumed work not counted again)."]
     return "\n".join(lines) + "\n"
+
+
+def _fewer_seeds(report: dict[str, Any]) -> str:
+    fewer = {arm: seeds for arm, seeds in report.get("arm_seeds", {}).items() if seeds != report["seeds"]}
+    if not fewer:
+        return ""
+    return " (" + "; ".join(f"{report['labels'][arm]}: {seeds}" for arm, seeds in fewer.items()) + ")"
 
 
 def _detectable_cell(probe: str, differences: list[dict[str, Any] | None]) -> str:

@@ -147,7 +147,7 @@ def screen_option(
     for source in ("target_own_answer", "target_rewrite", "target_reference"):
         if source in report:
             screened[source] = report[source]
-    screened["examples"] = targets[:3]
+    screened["generated"] = [{"row": i, "text": text} for i, text in zip(generated, targets, strict=True)]
     return screened
 
 
