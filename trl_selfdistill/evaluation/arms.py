@@ -291,22 +291,27 @@ def train_arm(
 ) -> dict[str, Any]:
     """Trains one arm into `output_dir` (resuming from its last checkpoint) unless it already finished there.
 
-    A finished arm is reused only if it was trained with the same settings (`arm_settings`); otherwise, and for
-    checkpoints left by a run with other settings, it is trained again from the start, with a warning naming what
-    changed. Returns the arm's record: its settings, the digest of its weights, its train metrics (`train_loss` over
-    the whole run, resumes included), and the distillation report for the arms that rewrite.
+    A finished arm is reused only if it was trained with the same settings (`arm_settings`) and its saved weights are
+    the ones its record vouches for (their SHA-256); otherwise it is trained again from the start, with a warning
+    naming why. Checkpoints are resumed only when the settings that wrote them are on record and equal. Returns the
+    arm's record: its settings, the digest of its weights, its train metrics (`train_loss` over the whole run, resumes
+    included), and the distillation report for the arms that rewrite.
     """
     args = arm_config(arm, shared, output_dir)
     settings = arm_settings(model_name, args, train_dataset, peft_config, quantization_config)
     record = arm_record(output_dir)
     if record is not None:
         changed = changed_settings(record.get("settings", {}), settings)
-        if not changed:
+        if not changed and _saved_weights(output_dir) == record.get("weights_sha256"):
             return record
-        _start_fresh(output_dir, f"trained with other settings {_describe(changed)}")
+        why = f"trained with other settings {_describe(changed)}" if changed else "its weights are not those recorded"
+        _start_fresh(output_dir, why)
     started = read_json(os.path.join(output_dir, ARM_SETTINGS_FILE))
-    changed = changed_settings(started, settings) if started is not None else {}
-    if changed:
+    checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    if started is None and checkpoints:  # no record of what wrote them: they may be another run's
+        _start_fresh(output_dir, "checkpoints without the settings that wrote them")
+    elif started is not None and changed_settings(started, settings):
+        changed = changed_settings(started, settings)
         _start_fresh(output_dir, f"checkpoints from a run with other settings {_describe(changed)}")
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, ARM_SETTINGS_FILE), settings)
@@ -342,6 +347,14 @@ def train_arm(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
+
+
+def _saved_weights(arm_dir: str) -> str | None:
+    """The digest of the weights saved in `arm_dir`, or None if there are none."""
+    try:
+        return weights_digest(arm_dir)
+    except FileNotFoundError:
+        return None
 
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:

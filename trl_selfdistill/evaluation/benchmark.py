@@ -15,12 +15,16 @@ the DynSDPB arms (Fu et al., 2024, arXiv 2411.16991) beside it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import filelock
 from accelerate import PartialState
 from datasets import Dataset
 from peft import PeftModel
@@ -33,6 +37,7 @@ from ..models import resolve_model_name
 from ..sdft_dynsdpb import SDFTDynSDPBConfig
 from . import hypotheses
 from .arms import ARMS, DEFAULT_ARMS, SEED_MODEL, check_arm_inputs, check_arms, train_arm, weights_digest
+from .jsonfiles import read_json, write_json
 from .probes import PROBES, ProbeArguments, ResultCache, drift_seed_answers, run_probe
 from .report import check_chart_support, write_report
 from .similarity import SentenceEmbedder, mean_cosine_similarity
@@ -87,57 +92,85 @@ def run_forgetting_benchmark(
     if "general" in probe_args.probes and embedder is None:
         embedder = SentenceEmbedder()  # loaded now: a missing embedder fails before hours of training
     model_path = resolve_model_name(model_name)
-    datasets = arm_datasets(arms, train_dataset, native_dataset)
-    shared = same_updates_for_every_arm(training_args, len(train_dataset))
-    for name in arms:
-        check_arm_inputs([name], shared, datasets[name])
-    output_dir = training_args.output_dir
-    if hypotheses.applies(arms, probe_args.probes):  # the rules are printed, and on disk, before anything trains
-        rules = hypotheses.describe_hypotheses()
-        logger.warning(rules)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, HYPOTHESES_FILE), "w", encoding="utf-8") as handle:
-            handle.write(rules + "\n")
+    with output_dir_lock(training_args.output_dir):  # one run per output_dir at a time
+        datasets = arm_datasets(arms, train_dataset, native_dataset)
+        shared = same_updates_for_every_arm(training_args, len(train_dataset))
+        for name in arms:
+            check_arm_inputs([name], shared, datasets[name])
+        output_dir = training_args.output_dir
+        if hypotheses.applies(arms, probe_args.probes):  # the rules are printed, and on disk, before anything trains
+            rules = hypotheses.describe_hypotheses()
+            logger.warning(rules)
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, HYPOTHESES_FILE), "w", encoding="utf-8") as handle:
+                handle.write(rules + "\n")
 
-    runs = [(name, seed) for seed in seeds for name in arms if seed in arm_seeds[name]]
-    records: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
-    for number, (name, seed) in enumerate(runs, start=1):
-        logger.warning(
-            f"Forgetting benchmark: training {number}/{len(runs)}, {ARMS[name].label} ({name}), seed {seed}."
-        )
-        records[name][seed] = train_arm(
-            ARMS[name],
+        runs = [(name, seed) for seed in seeds for name in arms if seed in arm_seeds[name]]
+        records: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
+        for number, (name, seed) in enumerate(runs, start=1):
+            logger.warning(
+                f"Forgetting benchmark: training {number}/{len(runs)}, {ARMS[name].label} ({name}), seed {seed}."
+            )
+            records[name][seed] = train_arm(
+                ARMS[name],
+                model_path,
+                with_seed(shared, seed),
+                datasets[name],
+                arm_dir(output_dir, name, seed),
+                peft_config=peft_config,
+                quantization_config=quantization_config,
+            )
+
+        results = probe_every_model(
             model_path,
-            with_seed(shared, seed),
-            datasets[name],
-            arm_dir(output_dir, name, seed),
+            shared,
+            runs,
+            probe_args,
+            ResultCache(os.path.join(output_dir, RESULTS_DIR)),
+            quantization_config,
+        )
+        similarities = similarity_to_seed(results, embedder) if "general" in probe_args.probes else {}
+        return write_report(
+            output_dir,
+            model_name=model_name,
+            dataset_name=dataset_name,
+            arms=arms,
+            seeds=seeds,
+            arm_seeds=arm_seeds,
+            records=records,
+            results=results,
+            similarities=similarities,
+            probe_args=probe_args,
             peft_config=peft_config,
-            quantization_config=quantization_config,
+            elapsed_seconds=time.monotonic() - started,
         )
 
-    results = probe_every_model(
-        model_path,
-        shared,
-        runs,
-        probe_args,
-        ResultCache(os.path.join(output_dir, RESULTS_DIR)),
-        quantization_config,
-    )
-    similarities = similarity_to_seed(results, embedder) if "general" in probe_args.probes else {}
-    return write_report(
-        output_dir,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        arms=arms,
-        seeds=seeds,
-        arm_seeds=arm_seeds,
-        records=records,
-        results=results,
-        similarities=similarities,
-        probe_args=probe_args,
-        peft_config=peft_config,
-        elapsed_seconds=time.monotonic() - started,
-    )
+
+LOCK_FILE = ".benchmark.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str) -> Iterator[None]:
+    """One benchmark run per `output_dir` at a time: a second one would train and report into the same arm folders
+    under other settings. The lock (`filelock`, an OS lock that goes with the process that holds it) is refused at
+    once, naming the holder written beside it."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    lock = filelock.FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder = read_json(path + ".holder") or {}
+        raise RuntimeError(
+            f"Another forgetting benchmark is running in {output_dir} (lock {path}, held by process "
+            f"{holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}). Wait for it "
+            "to finish, or give this run another `output_dir`."
+        ) from None
+    try:
+        write_json(path + ".holder", {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()})
+        yield
+    finally:
+        lock.release()
 
 
 def arm_datasets(arms: list[str], train_dataset: Dataset, native_dataset: Dataset | None) -> dict[str, Dataset]:

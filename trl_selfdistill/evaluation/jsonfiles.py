@@ -10,11 +10,16 @@ from ..files import atomic_file
 
 
 def read_json(path: str) -> dict[str, Any] | None:
-    """The file's JSON value, or None if there is no such file."""
+    """The file's JSON value, or None if there is no such file; a damaged file is an error naming it."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is damaged ({error}). Delete it and rerun: what it recorded is computed again."
+            ) from None
 
 
 def write_json(path: str, value: dict[str, Any], indent: int = 2) -> None:
