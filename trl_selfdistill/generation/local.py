@@ -31,8 +31,9 @@ MAX_AUTO_BATCH_SIZE = 512
 KV_CACHE_MEMORY_FRACTION = 0.6
 # Unquantized seed weights are loaded only if they take at most this share of the free accelerator memory.
 UNQUANTIZED_MEMORY_FRACTION = 0.7
-# Rows per forward pass when scoring: the full logits of a batch are held at once.
-SCORE_BATCH_SIZE = 4
+# Rows per forward pass when scoring: only the scored tokens' logits are held (16 was 1.7x faster than 4 on 2 CPU
+# cores, bundled model, IFEval answers of up to 256 tokens).
+SCORE_BATCH_SIZE = 16
 
 
 class TransformersEngine:
