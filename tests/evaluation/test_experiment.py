@@ -87,7 +87,7 @@ def test_the_experiment_end_to_end_with_two_seeds(tmp_path, tiny_model_dir, vari
     assert set(judged["methods"]) == {"sdft"}  # a variant is not one of the judged methods
     assert {"recovery", "guard", "conclusion"} <= set(judged["methods"]["sdft"])
     table = open(os.path.join(args.output_dir, REPORT_MARKDOWN)).read()
-    assert table.startswith("## Verdict") and "H1, premise" in table and "smallest detectable" in table
+    assert table.startswith("## Verdict") and "H1, the premise" in table and "smallest detectable" in table
     assert open(os.path.join(args.output_dir, DRIFT_CHART_FILE), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(os.path.join(args.output_dir, REPORT_JSON)))["hypotheses"] == json.loads(json.dumps(judged))
 

@@ -489,17 +489,19 @@ def _hypotheses_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Verdict",
         "",
-        "Hypotheses and rules fixed before the run (`trl_selfdistill.evaluation.hypotheses`): 95 % intervals paired "
-        "by seed and item; *detectable*: the smallest difference the run could detect at 80 % power.",
+        "Hypotheses and rules fixed before the run (`trl_selfdistill.evaluation.hypotheses`). SFT-foreign: "
+        f"{labels['sft']} on the task's references (`sft`); SFT-native: {labels['sft_native']} (`sft_native`). 95 % "
+        "intervals paired by seed and item; *detectable*: the smallest difference the run could detect at 80 % power "
+        "(for R: the smallest recovery it could tell from none).",
         "",
         "| hypothesis | endpoint | estimate [95 % interval] | detectable | verdict |",
         "|---|---|---|---|---|",
-        f"| H1, premise | drift, {labels['sft']} - {labels['sft_native']} (nats/token) | "
-        f"{_plain(premise['estimate'], 1, 3)} | ±{premise['minimum_detectable']:.3f} | **{premise['verdict']}** |",
+        f"| H1, the premise | drift, SFT-foreign - SFT-native (nats/token) | {_plain(premise['estimate'], 1, 3)} | "
+        f"±{premise['minimum_detectable']:.3f} | **{premise['verdict']}** |",
     ]
     for method, verdicts in judged["methods"].items():
         recovery = verdicts["recovery"]
-        bounds = f"[{recovery['low']:.2f}, {recovery['high']:.2f}]" if recovery["bounded"] else "unbounded"
+        bounds = f"[{recovery['low']:.2f}, {recovery['high']:.2f}]" if recovery["bounded"] else "(unbounded)"
         lines.append(
             f"| H2, {labels[method]} closes the gap | recovery R of the drift | {recovery['ratio']:.2f} {bounds} | "
             f"{recovery['minimum_detectable']:.2f} | **{recovery['verdict']}** |"
@@ -508,9 +510,9 @@ def _hypotheses_lines(report: dict[str, Any]) -> list[str]:
             if key in verdicts:
                 entry = verdicts[key]
                 lines.append(
-                    f"| {name}, {labels[method]} | {column_label(entry['probe'])}, {labels[method]} - "
-                    f"{labels['sft']} (points) | {_plain(entry['estimate'], 100, 1)} | "
-                    f"±{100 * entry['minimum_detectable']:.1f} | **{entry['verdict']}** |"
+                    f"| {name}, {labels[method]} | {column_label(entry['probe'])}, method - SFT-foreign (points) | "
+                    f"{_plain(entry['estimate'], 100, 1)} | ±{100 * entry['minimum_detectable']:.1f} | "
+                    f"**{entry['verdict']}** |"
                 )
     lines += [""]
     lines += [f"- **{labels[method]}**: {verdicts['conclusion']}." for method, verdicts in judged["methods"].items()]
