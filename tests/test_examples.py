@@ -185,3 +185,30 @@ def test_paper_scale_benchmark_config_probes_every_item_with_the_papers_recipe()
     assert (args.learning_rate, args.num_train_epochs, args.max_length) == (1e-4, 5, 1024)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules) == (8, 16, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize(
+    ("config", "seeds", "fewer", "updates", "ifeval"),
+    [
+        ("benchmark_forgetting_smollm2_cpu.yaml", 3, {}, 40, 120),
+        ("benchmark_forgetting_smollm2_cpu_full.yaml", 4, {"sdft_own_answer": 3, "dynsdpb": 3}, 80, 541),
+    ],
+)
+def test_the_forgetting_experiment_configs(config, seeds, fewer, updates, ifeval):
+    """The default and full runs of the experiment: SFT on native and foreign references and SDFT, the drift on all
+    541 IFEval prompts, the arms the hypotheses need."""
+    from benchmark_forgetting import BenchmarkScriptArguments
+
+    from trl_selfdistill import SDFTDynSDPBConfig
+    from trl_selfdistill.evaluation.hypotheses import applies
+    from trl_selfdistill.evaluation.probes import ProbeArguments, probe_items
+
+    script_args, probes, args, model_args = TrlParser(
+        (BenchmarkScriptArguments, ProbeArguments, SDFTDynSDPBConfig, ModelConfig)
+    ).parse_args_and_config(["--config", str(EXAMPLES / "configs" / config)])
+    datasets = (script_args.dataset_name, script_args.native_dataset_name)
+    assert datasets == ("bundled/addition-german", "bundled/addition")
+    assert script_args.arms[:3] == ["sft_native", "sft", "sdft"] and applies(script_args.arms, probes.probes)
+    assert len(script_args.seeds) == seeds and (script_args.seeds_per_arm or {}) == fewer
+    assert (args.max_steps, args.bf16, model_args.dtype) == (updates, True, "bfloat16")
+    assert len(probe_items("drift", probes)) == 541 and len(probe_items("ifeval", probes)) == ifeval
