@@ -92,11 +92,11 @@ def run_forgetting_benchmark(
     if "general" in probe_args.probes and embedder is None:
         embedder = SentenceEmbedder()  # loaded now: a missing embedder fails before hours of training
     model_path = resolve_model_name(model_name)
+    datasets = arm_datasets(arms, train_dataset, native_dataset)
+    shared = same_updates_for_every_arm(training_args, len(train_dataset))
+    for name in arms:
+        check_arm_inputs([name], shared, datasets[name])
     with output_dir_lock(training_args.output_dir):  # one run per output_dir at a time
-        datasets = arm_datasets(arms, train_dataset, native_dataset)
-        shared = same_updates_for_every_arm(training_args, len(train_dataset))
-        for name in arms:
-            check_arm_inputs([name], shared, datasets[name])
         output_dir = training_args.output_dir
         if hypotheses.applies(arms, probe_args.probes):  # the rules are printed, and on disk, before anything trains
             rules = hypotheses.describe_hypotheses()
